@@ -1,0 +1,121 @@
+"""The `sdflow` command: runs the flows with a progress bar, and turns errors into one paragraph and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+from importlib.resources import files
+
+EXIT_INPUT = 2  # the user can fix the input; the message says what is wrong
+EXIT_BUG = 1  # anything else
+
+
+def example_prompts() -> str:
+    return str(files("nodes") / "data" / "example_prompts.parquet")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdflow", description="Turn Parquet tables of prompts into image datasets.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs and full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate one image per row of a prompt table")
+    gen.add_argument("prompts", help="Parquet prompt table: local path or fsspec URL (s3://...); 'example' for the bundled one")
+    gen.add_argument("out", help="output dataset folder: local path or fsspec URL")
+    gen.add_argument("--model", help="diffusers-format folder, fsspec URL or hub id (default: sdflow:tiny-random)")
+    gen.add_argument("--scheduler", help="ddim, pndm, lms, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras, unipc (default: the model's own)")
+    gen.add_argument("--steps", type=int, help="denoising steps (default: the model's, else 50)")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it (default: the model's, else 7.5)")
+    gen.add_argument("--width", type=int, help="pixels (default: the model's native size)")
+    gen.add_argument("--height", type=int, help="pixels (default: the model's native size)")
+    gen.add_argument("--negative-prompt", help="default negative prompt (default: none)")
+    gen.add_argument("--batch-size", type=int, default=8, help="images per U-Net batch (default: 8)")
+    gen.add_argument("--shard-size", type=int, default=256, help="prompt-table rows per output Parquet file (default: 256)")
+    gen.add_argument("--seed", type=int, default=0, help="run seed, from which rows without a seed derive theirs (default: 0)")
+    gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
+    gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA, float32 on CPU")
+    gen.add_argument("--skip-invalid", action="store_true", help="leave invalid rows out (listed in the manifest) instead of stopping")
+    gen.add_argument("--storage-options", help="JSON fsspec storage options (credentials, endpoint); never logged")
+    return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    """Before Prefect is imported: its console logs only when asked; sdflow's warnings always, one line each."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+        os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("sdflow: %(levelname)s: %(message)s"))
+    log = logging.getLogger("sdflow")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    log.propagate = False
+
+
+def fail(message: str, code: int) -> int:
+    print(textwrap.fill(f"sdflow: error: {message}", width=100, subsequent_indent="  "), file=sys.stderr)
+    return code
+
+
+def summary(manifest: dict, out: str) -> str:
+    rows, timings = manifest["rows"], manifest["timings"]
+    text = (
+        f"sdflow: wrote {rows['generated']} images in {len(manifest['shards'])} shard(s) to {out} "
+        f"in {timings['seconds']:.1f} s ({timings['images_per_second']:.2f} images/s while generating, "
+        f"model loaded in {timings['model_load_seconds']:.1f} s)."
+    )
+    if rows["invalid"]:
+        text += f" {rows['invalid']} invalid row(s) were skipped: see {out}/manifest.json."
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    if args.storage_options is not None:
+        os.environ["SDFLOW_STORAGE_OPTIONS"] = args.storage_options
+    from nodes.errors import SdflowError
+
+    try:
+        from flows.generate import generate_dataset
+
+        manifest = generate_dataset(
+            prompts=example_prompts() if args.prompts == "example" else args.prompts,
+            out=args.out,
+            model=args.model,
+            scheduler=args.scheduler,
+            steps=args.steps,
+            guidance=args.guidance,
+            width=args.width,
+            height=args.height,
+            negative_prompt=args.negative_prompt,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            seed=args.seed,
+            device=args.device,
+            dtype=args.dtype,
+            skip_invalid=args.skip_invalid,
+            progress=sys.stderr.isatty() or args.verbose,
+        )
+    except SdflowError as e:
+        if args.verbose:
+            raise
+        return fail(str(e), EXIT_INPUT)
+    except KeyboardInterrupt:
+        return fail("interrupted.", 130)
+    except Exception as e:  # a bug or an environment failure: say what, and how to see more
+        if args.verbose:
+            raise
+        return fail(f"{type(e).__name__}: {e} (run with --verbose for the traceback).", EXIT_BUG)
+    print(summary(manifest, args.out), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

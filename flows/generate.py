@@ -1,0 +1,165 @@
+"""The generation flow: a Parquet prompt table in, an image dataset out, stage by stage as Prefect tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections import deque
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+
+from prefect import flow
+from tqdm.auto import tqdm
+
+from nodes.decode import decode_latents_task
+from nodes.denoise import denoise_task, make_scheduler, scheduler_name
+from nodes.encode import encode_prompts_task
+from nodes.errors import SdflowError
+from nodes.ingest import PromptPlan, iter_shard_rows, make_batches, plan_prompt_table_task, resolve_defaults
+from nodes.latents import make_generators, prepare_latents_task
+from nodes.models import inspect_model, load_components_task, resolve_device, resolve_dtype
+from nodes.params import GenerationDefaults
+from nodes.store import encode_pngs_task, open_output, write_manifest, write_shard_task
+
+STORAGE_OPTIONS_ENV = "SDFLOW_STORAGE_OPTIONS"  # JSON fsspec options; kept out of flow parameters (secrets)
+
+
+def package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def storage_options_from_env() -> dict:
+    """fsspec storage options from SDFLOW_STORAGE_OPTIONS; credentials never travel as flow parameters."""
+    raw = os.environ.get(STORAGE_OPTIONS_ENV)
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise SdflowError(f"{STORAGE_OPTIONS_ENV} (or --storage-options) is not valid JSON: {e}.") from None
+    if not isinstance(options, dict):
+        raise SdflowError(f"{STORAGE_OPTIONS_ENV} (or --storage-options) must be a JSON object.")
+    return options
+
+
+def build_manifest(
+    parameters: dict,
+    defaults: GenerationDefaults,
+    plan: PromptPlan,
+    shards: list[dict],
+    components,
+    timings: dict,
+) -> dict:
+    """The run's record: what was asked, what was resolved, with which software, and what came out."""
+    return {
+        "format": "sdflow-dataset/1",
+        "parameters": parameters,
+        "resolved": {
+            "steps": defaults.steps,
+            "guidance_scale": defaults.guidance_scale,
+            "width": defaults.width,
+            "height": defaults.height,
+            "negative_prompt": defaults.negative_prompt,
+            "seed": defaults.seed,
+            "model_fingerprint": components.info.fingerprint,
+            "device": str(components.device),
+            "dtype": str(components.dtype).removeprefix("torch."),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            **{p: package_version(p) for p in ("sdflow", "torch", "diffusers", "transformers", "prefect", "pyarrow")},
+        },
+        "rows": {"table": plan.num_rows, "generated": sum(s["rows"] for s in shards), "invalid": len(plan.invalid)},
+        "invalid_rows": [
+            {"position": position, "id": row_id, "problem": problem}
+            for position, (row_id, problem) in sorted(plan.invalid.items())
+        ],
+        "shards": shards,
+        "timings": timings,
+    }
+
+
+@flow(name="generate-dataset")
+def generate_dataset(
+    prompts: str,
+    out: str,
+    model: str | None = None,
+    scheduler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    negative_prompt: str | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    device: str | None = None,
+    dtype: str | None = None,
+    skip_invalid: bool = False,
+    shard_size: int = 256,
+    batches_in_flight: int = 2,
+    progress: bool = False,
+) -> dict:
+    """Generate one image per row of the Parquet table `prompts` into the dataset at `out`; returns the manifest.
+
+    Options left as None take the model's own values. Storage credentials come from the AWS environment
+    or SDFLOW_STORAGE_OPTIONS, never from parameters.
+    """
+    parameters = {k: v for k, v in locals().items() if k != "progress"}
+    if batch_size < 1 or shard_size < 1 or batches_in_flight < 1:
+        raise SdflowError("--batch-size, --shard-size and batches in flight must be at least 1.")
+    started = time.time()
+    storage_options = storage_options_from_env()
+
+    # Everything that can be wrong with the input is checked before a weight is loaded.
+    info = inspect_model(model, storage_options)
+    defaults = resolve_defaults(info, steps, guidance, width, height, negative_prompt, seed)
+    sampler = scheduler_name(scheduler, info.scheduler_config)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    fs, root = open_output(out, storage_options)
+    plan = plan_prompt_table_task(prompts, defaults, info.size_multiple, shard_size, skip_invalid, storage_options)
+
+    components = load_components_task(info, torch_device, torch_dtype)
+    generation_started = time.time()
+    release = package_version("sdflow")
+    bar = tqdm(total=plan.valid_rows, unit="img", disable=not progress, desc="generating")
+    encoding = deque()  # PNG encoding of recent batches, overlapping the next batch's denoising
+    writing = deque()  # shard writes in flight
+    shards = []
+    for shard, rows, carried in iter_shard_rows(plan, defaults, info.size_multiple, storage_options):
+        shard_pngs = []
+        for batch in make_batches(rows, batch_size):
+            sched = make_scheduler(scheduler, info.scheduler_config, batch[0].steps, torch_device)
+            generators = make_generators(batch)
+            embeds = encode_prompts_task(components, batch)
+            latents = prepare_latents_task(components, batch, generators, sched.init_noise_sigma)
+            latents = denoise_task(components, sched, latents, embeds, batch, generators)
+            images = decode_latents_task(components, latents)
+            while len(encoding) >= batches_in_flight:
+                encoding.popleft().wait()
+            encoding.append(encode_pngs_task.submit(images, batch, sampler, info.ref, release))
+            shard_pngs.append(encoding[-1])
+            bar.update(len(batch))
+        writing.append(write_shard_task.submit(fs, root, shard.index, rows, shard_pngs, carried, sampler, info.ref))
+        while len(writing) > 1:  # one shard may be written while the next one is generated
+            shards.append(writing.popleft().result())
+    shards += [w.result() for w in writing]
+    bar.close()
+    finished = time.time()
+    generated = sum(s["rows"] for s in shards)
+    timings = {
+        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        "finished": datetime.fromtimestamp(finished, timezone.utc).isoformat(),
+        "seconds": round(finished - started, 3),
+        "model_load_seconds": round(components.load_seconds, 3),
+        "generation_seconds": round(finished - generation_started, 3),
+        "images_per_second": round(generated / max(finished - generation_started, 1e-9), 3),
+    }
+    manifest = build_manifest(parameters, defaults, plan, shards, components, timings)
+    write_manifest(fs, root, manifest)
+    return manifest

@@ -1,0 +1,1 @@
+"""sdflow's stages: pure functions on tables and tensors, each with a thin Prefect task beside it."""

@@ -1,0 +1,25 @@
+"""Errors a user can fix: each names the column, row ids, file or model that is wrong."""
+
+
+class SdflowError(Exception):
+    """A problem with the user's input or environment, reported as one paragraph and exit code 2."""
+
+
+class PromptTableError(SdflowError):
+    """The prompt table cannot be read, or its schema or values are invalid."""
+
+
+class ModelError(SdflowError):
+    """The model folder, hub id or its components cannot be read."""
+
+
+class StorageError(SdflowError):
+    """The output location cannot be written."""
+
+
+def name_ids(ids, limit: int = 10) -> str:
+    """Format row ids for an error message: the first `limit`, then how many more."""
+    ids = list(ids)
+    shown = ", ".join(repr(i) if isinstance(i, str) else str(i) for i in ids[:limit])
+    more = len(ids) - limit
+    return f"{shown} (and {more} more)" if more > 0 else shown

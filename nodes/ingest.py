@@ -1,0 +1,341 @@
+"""Prompt ingestion: open a Parquet prompt table, check its schema and values, stream it in shards of rows.
+
+The table is never loaded whole: a planning pass streams only the control columns (to validate every
+row before any model is loaded), and generation streams all columns again one shard at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from nodes.errors import PromptTableError, name_ids
+from nodes.models import ModelInfo
+from nodes.params import CONTROL_COLUMNS, MAX_SEED, MAX_SIDE, MAX_STEPS, OUTPUT_COLUMNS, GenerationDefaults, Row
+
+# What each control column may hold, as (predicate on the Arrow type, words for the error message).
+_INTEGER = (lambda t: pa.types.is_integer(t) or pa.types.is_floating(t), "an integer")
+_NUMBER = (lambda t: pa.types.is_integer(t) or pa.types.is_floating(t), "a number")
+_TEXT = (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "a string")
+_ID = (lambda t: pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t), "an integer or a string")
+COLUMN_TYPES = {
+    "id": _ID,
+    "prompt": _TEXT,
+    "negative_prompt": _TEXT,
+    "seed": _INTEGER,
+    "steps": _INTEGER,
+    "guidance_scale": _NUMBER,
+    "width": _INTEGER,
+    "height": _INTEGER,
+}
+
+SCAN_ROWS = 65_536  # rows per record batch in the planning pass: a few MB of control columns
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A contiguous range of prompt-table rows, [start, stop), that becomes one output Parquet file."""
+
+    index: int  # the n-th chunk of `rows_per_shard` rows in the table
+    start: int
+    stop: int
+    rows: int  # valid rows in the range, the ones that get an image
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """What a run will generate: the table's size, its shards, and the rows skipped as invalid."""
+
+    url: str
+    num_rows: int
+    rows_per_shard: int
+    carried_columns: tuple[str, ...]  # input columns passed through untouched to the output
+    shards: tuple[Shard, ...]  # only shards with at least one valid row
+    invalid: dict[int, tuple[int | str, str]] = field(default_factory=dict)  # position -> (id, problem)
+
+    @property
+    def valid_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+
+def open_prompt_table(url: str, storage_options: dict | None = None) -> pq.ParquetFile:
+    """Open a Parquet table at a local path or fsspec URL, with errors that name the file."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        return pq.ParquetFile(fs.open(path, "rb"))
+    except FileNotFoundError:
+        raise PromptTableError(f"prompt table {url} does not exist.") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, PermissionError):
+            raise PromptTableError(f"prompt table {url} cannot be read: permission denied.") from None
+        if isinstance(e, IsADirectoryError) or "magic bytes" in str(e) or "Parquet" in str(e):
+            raise PromptTableError(f"prompt table {url} is not a Parquet file ({e}).") from None
+        raise PromptTableError(f"prompt table {url} cannot be read ({e}).") from None
+
+
+def check_schema(schema: pa.Schema, url: str) -> tuple[str, ...]:
+    """Check the control columns' types; returns the carried (non-control) columns in table order."""
+    names = schema.names
+    if "prompt" not in names:
+        raise PromptTableError(
+            f"prompt table {url} has no 'prompt' column; the columns found are: {', '.join(names) or '(none)'}."
+        )
+    for name in CONTROL_COLUMNS:
+        if name not in names:
+            continue
+        dtype = schema.field(name).type
+        if pa.types.is_dictionary(dtype):
+            dtype = dtype.value_type
+        accepts, words = COLUMN_TYPES[name]
+        if not (accepts(dtype) or pa.types.is_null(dtype)):
+            raise PromptTableError(f"column '{name}' of prompt table {url} has type {dtype}; it must hold {words}.")
+    carried = tuple(n for n in names if n not in CONTROL_COLUMNS)
+    clashes = [n for n in carried if n in OUTPUT_COLUMNS]
+    if clashes:
+        raise PromptTableError(
+            f"prompt table {url} has column(s) {', '.join(clashes)}, which sdflow writes itself; rename them."
+        )
+    if len(set(names)) != len(names):
+        raise PromptTableError(f"prompt table {url} has duplicate column names: {', '.join(names)}.")
+    return carried
+
+
+def iter_row_chunks(pf: pq.ParquetFile, rows: int, columns: list[str] | None = None) -> Iterator[tuple[int, pa.Table]]:
+    """Stream a table as (first row position, table of exactly `rows` rows; fewer for the last)."""
+    pending: list[pa.RecordBatch] = []
+    buffered = 0
+    start = 0
+    for batch in pf.iter_batches(batch_size=min(rows, SCAN_ROWS), columns=columns):
+        pending.append(batch)
+        buffered += batch.num_rows
+        while buffered >= rows:
+            table = pa.Table.from_batches(pending)
+            yield start, table.slice(0, rows)
+            rest = table.slice(rows)
+            pending, buffered, start = rest.to_batches(), rest.num_rows, start + rows
+    if buffered:
+        yield start, pa.Table.from_batches(pending)
+
+
+def derive_seed(run_seed: int, row_id: int | str) -> int:
+    """A row's seed when the table gives none: a stable hash of the run seed and the row id, in [0, 2**63)."""
+    digest = hashlib.blake2b(f"{run_seed}\x1f{row_id!r}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def _integer(value, low: int, high: int) -> int | None:
+    """`value` as an int if it is a whole number in [low, high], else None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            return None
+        value = int(value)
+    return value if low <= value <= high else None
+
+
+def check_size(value, size_multiple: int) -> int | None:
+    """A width or height if it is a positive multiple of `size_multiple` up to MAX_SIDE, else None."""
+    side = _integer(value, size_multiple, MAX_SIDE)
+    return side if side is not None and side % size_multiple == 0 else None
+
+
+def resolve_rows(
+    chunk: pa.Table, start: int, defaults: GenerationDefaults, size_multiple: int
+) -> tuple[list[Row], dict[int, tuple[int | str, tuple[str, str]]]]:
+    """Resolve each row's parameters (its own value, else the run default) and validate them.
+
+    Returns the valid rows and, for each invalid row position, its id and (column, problem).
+    """
+    n = chunk.num_rows
+    cols = {name: chunk.column(name).to_pylist() for name in CONTROL_COLUMNS if name in chunk.column_names}
+    none = [None] * n
+    ids = cols.get("id") or list(range(start, start + n))
+    problems = {
+        "prompt": "must be a non-empty string",
+        "id": "must not be null",
+        "seed": f"must be a whole number from 0 to {MAX_SEED}",
+        "steps": f"must be a whole number from 1 to {MAX_STEPS}",
+        "guidance_scale": "must be a finite number",
+        "width": f"must be a multiple of {size_multiple} from {size_multiple} to {MAX_SIDE}",
+        "height": f"must be a multiple of {size_multiple} from {size_multiple} to {MAX_SIDE}",
+    }
+    rows: list[Row] = []
+    invalid: dict[int, tuple[int | str, tuple[str, str]]] = {}
+    for i, (row_id, prompt, negative, seed, steps, guidance, width, height) in enumerate(
+        zip(
+            ids,
+            cols["prompt"],
+            cols.get("negative_prompt", none),
+            cols.get("seed", none),
+            cols.get("steps", none),
+            cols.get("guidance_scale", none),
+            cols.get("width", none),
+            cols.get("height", none),
+        )
+    ):
+        resolved = {
+            "id": row_id,
+            "prompt": prompt if isinstance(prompt, str) and prompt.strip() else None,
+            "seed": derive_seed(defaults.seed, row_id) if seed is None else _integer(seed, 0, MAX_SEED),
+            "steps": defaults.steps if steps is None else _integer(steps, 1, MAX_STEPS),
+            "guidance_scale": defaults.guidance_scale if guidance is None else float(guidance),
+            "width": defaults.width if width is None else check_size(width, size_multiple),
+            "height": defaults.height if height is None else check_size(height, size_multiple),
+        }
+        if not math.isfinite(resolved["guidance_scale"]):
+            resolved["guidance_scale"] = None
+        bad = next((name for name, value in resolved.items() if value is None), None)
+        if bad is not None:
+            invalid[start + i] = (row_id, (bad, problems[bad]))
+            continue
+        rows.append(
+            Row(
+                position=start + i,
+                negative_prompt=defaults.negative_prompt if negative is None else negative,
+                **resolved,
+            )
+        )
+    return rows, invalid
+
+
+def describe_invalid(invalid: dict[int, tuple[int | str, tuple[str, str]]], url: str) -> str:
+    """One paragraph naming, per column and problem, the ids of the rows that have it."""
+    by_problem: dict[tuple[str, str], list] = defaultdict(list)
+    for row_id, problem in invalid.values():
+        by_problem[problem].append(row_id)
+    parts = [
+        f"column '{column}' {problem}, but is not in {len(ids)} row(s) with id {name_ids(ids)}"
+        for (column, problem), ids in by_problem.items()
+    ]
+    return f"prompt table {url} has invalid rows: " + "; ".join(parts) + "."
+
+
+def resolve_defaults(
+    info: ModelInfo,
+    steps: int | None,
+    guidance_scale: float | None,
+    width: int | None,
+    height: int | None,
+    negative_prompt: str | None,
+    seed: int,
+) -> GenerationDefaults:
+    """The run's defaults: each option as given, else the model's own; errors name the option."""
+    m = info.size_multiple
+    checks = {
+        "--steps": (info.default_steps if steps is None else steps, lambda v: _integer(v, 1, MAX_STEPS)),
+        "--guidance": (
+            info.default_guidance if guidance_scale is None else guidance_scale,
+            lambda v: float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None,
+        ),
+        "--width": (info.native_size if width is None else width, lambda v: check_size(v, m)),
+        "--height": (info.native_size if height is None else height, lambda v: check_size(v, m)),
+        "--seed": (seed, lambda v: _integer(v, 0, MAX_SEED)),
+    }
+    values = {}
+    for option, (value, check) in checks.items():
+        values[option] = check(value)
+        if values[option] is None:
+            raise PromptTableError(f"{option} {value!r} is out of range: {OPTION_RULES[option].format(m=m)}.")
+    return GenerationDefaults(
+        steps=values["--steps"],
+        guidance_scale=values["--guidance"],
+        width=values["--width"],
+        height=values["--height"],
+        negative_prompt=info.default_negative_prompt if negative_prompt is None else negative_prompt,
+        seed=values["--seed"],
+    )
+
+
+OPTION_RULES = {
+    "--steps": f"a whole number from 1 to {MAX_STEPS}",
+    "--guidance": "a finite number",
+    "--width": f"a multiple of {{m}} up to {MAX_SIDE}",
+    "--height": f"a multiple of {{m}} up to {MAX_SIDE}",
+    "--seed": f"a whole number from 0 to {MAX_SEED}",
+}
+
+
+def plan_prompt_table(
+    url: str,
+    defaults: GenerationDefaults,
+    size_multiple: int,
+    rows_per_shard: int,
+    skip_invalid: bool = False,
+    storage_options: dict | None = None,
+) -> PromptPlan:
+    """Validate every row of the table (control columns only, streamed) and cut it into shards.
+
+    Raises PromptTableError naming the invalid rows, unless `skip_invalid`, where they are listed in the
+    plan and left out of the output. Duplicate ids are always an error.
+    """
+    pf = open_prompt_table(url, storage_options)
+    carried = check_schema(pf.schema_arrow, url)
+    control = [c for c in CONTROL_COLUMNS if c in pf.schema_arrow.names]
+    invalid: dict[int, tuple[int | str, tuple[str, str]]] = {}
+    valid_per_shard: dict[int, int] = defaultdict(int)
+    seen_ids: set = set()
+    duplicates: list = []
+    for start, chunk in iter_row_chunks(pf, SCAN_ROWS, columns=control):
+        rows, bad = resolve_rows(chunk, start, defaults, size_multiple)
+        invalid.update(bad)
+        for row in rows:
+            valid_per_shard[row.position // rows_per_shard] += 1
+        for row_id in chunk.column("id").to_pylist() if "id" in control else ():
+            if row_id in seen_ids:
+                duplicates.append(row_id)
+            seen_ids.add(row_id)
+    if duplicates:
+        raise PromptTableError(
+            f"prompt table {url} has duplicate ids: {name_ids(sorted(set(duplicates), key=str))}; each row's id must be unique."
+        )
+    if invalid and not skip_invalid:
+        raise PromptTableError(describe_invalid(invalid, url) + " Fix them, or pass --skip-invalid to leave them out.")
+    num_rows = pf.metadata.num_rows
+    shards = tuple(
+        Shard(index=k, start=k * rows_per_shard, stop=min(num_rows, (k + 1) * rows_per_shard), rows=count)
+        for k, count in sorted(valid_per_shard.items())
+    )
+    return PromptPlan(
+        url=url,
+        num_rows=num_rows,
+        rows_per_shard=rows_per_shard,
+        carried_columns=carried,
+        shards=shards,
+        invalid={pos: (row_id, f"{column} {problem}") for pos, (row_id, (column, problem)) in invalid.items()},
+    )
+
+
+def iter_shard_rows(
+    plan: PromptPlan, defaults: GenerationDefaults, size_multiple: int, storage_options: dict | None = None
+) -> Iterator[tuple[Shard, list[Row], pa.Table]]:
+    """Stream the planned shards: each with its valid rows and their carried columns (in row order)."""
+    pf = open_prompt_table(plan.url, storage_options)
+    shards = {s.start: s for s in plan.shards}
+    for start, chunk in iter_row_chunks(pf, plan.rows_per_shard):
+        shard = shards.get(start)
+        if shard is None:
+            continue
+        rows, _ = resolve_rows(chunk, start, defaults, size_multiple)
+        carried = chunk.select(list(plan.carried_columns)).take([r.position - start for r in rows])
+        yield shard, rows, carried
+
+
+def make_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:
+    """Group rows into batches of up to `batch_size` that share width, height and steps, in first-seen order."""
+    groups: dict[tuple[int, int, int], list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[row.shape_key].append(row)
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
+plan_prompt_table_task = task(plan_prompt_table, name="plan-prompt-table", cache_policy=NO_CACHE, persist_result=False)

@@ -1,0 +1,206 @@
+"""Model resolution and loading: read a diffusers-format model's configs, then load its components once per process.
+
+`inspect_model` reads only small JSON configs, so a run can validate its whole prompt table against the
+model's sizes before a single weight is loaded. `load_components` loads tokenizer, text encoder, U-Net and
+VAE from safetensors and keeps them for the life of the process, keyed by model, device and dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+
+import fsspec
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from nodes.errors import ModelError
+
+log = logging.getLogger("sdflow")
+
+# Models that ship inside the package, by the name a user passes to --model.
+BUILTIN_MODELS = {"sdflow:tiny-random": "tiny-random"}
+DEFAULT_MODEL = "sdflow:tiny-random"
+
+# Generation defaults where the model says nothing (diffusers' StableDiffusionPipeline defaults).
+FALLBACK_STEPS = 50
+FALLBACK_GUIDANCE = 7.5
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+COMPONENT_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a run needs to know about a model before loading it: its identity, sizes and defaults."""
+
+    ref: str  # the model as the user named it: builtin name, folder, fsspec URL or hub id
+    source: str  # what from_pretrained loads: a local folder or a hub id
+    fingerprint: str  # sha256 over the component configs and weight file sizes, short
+    vae_scale_factor: int  # image pixels per latent pixel
+    size_multiple: int  # width and height must be multiples of this
+    native_size: int  # U-Net sample size x VAE scale factor, the default width and height
+    latent_channels: int
+    default_steps: int
+    default_guidance: float
+    default_negative_prompt: str
+    scheduler_config: dict = field(hash=False, compare=False)
+
+
+@dataclass
+class Components:
+    """A loaded model on one device: the modules of StableDiffusionPipeline without its safety checker."""
+
+    info: ModelInfo
+    tokenizer: object  # transformers.CLIPTokenizer
+    text_encoder: torch.nn.Module  # transformers.CLIPTextModel
+    unet: torch.nn.Module  # diffusers.UNet2DConditionModel
+    vae: torch.nn.Module  # diffusers.AutoencoderKL
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The requested device, or the best available: CUDA where present, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {device} was asked for, but this machine has no CUDA device.")
+    return resolved
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """The requested dtype, or the best for the device: float16 on CUDA, float32 on CPU."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def builtin_model_path(name: str) -> Path:
+    return Path(str(files("nodes") / "data" / BUILTIN_MODELS[name]))
+
+
+def _local_model_dir(ref: str, storage_options: dict | None) -> Path | None:
+    """A local folder for `ref`: builtin, local path, or a copy of a remote fsspec folder; None for a hub id."""
+    if ref in BUILTIN_MODELS:
+        return builtin_model_path(ref)
+    if "://" in ref and not ref.startswith("file://"):
+        fs, root = fsspec.core.url_to_fs(ref, **(storage_options or {}))
+        cache = Path(os.environ.get("SDFLOW_CACHE", Path.home() / ".cache" / "sdflow")) / "models"
+        local = cache / hashlib.sha256(ref.encode()).hexdigest()[:16]
+        if not (local / ".complete").exists():
+            try:
+                if not fs.exists(f"{root}/model_index.json"):
+                    raise ModelError(f"model {ref} has no model_index.json; it is not a diffusers-format folder.")
+                fs.get(f"{root}/", str(local), recursive=True)
+            except ModelError:
+                raise
+            except Exception as e:  # any store error: permissions, missing bucket, network
+                raise ModelError(f"model {ref} cannot be copied from its store ({type(e).__name__}: {e}).") from None
+            (local / ".complete").touch()
+        return local
+    path = Path(ref.removeprefix("file://")).expanduser()
+    if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        return path
+    return None
+
+
+def _read_json(source: str, local: Path | None, name: str) -> dict:
+    """One config file of the model, from its folder or (for a hub id) from the hub."""
+    try:
+        if local is not None:
+            return json.loads((local / name).read_text())
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(source, name)).read_text())
+    except FileNotFoundError:
+        raise ModelError(f"model {source} has no {name}; it is not a complete diffusers-format folder.") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"model {source}: {name} is not valid JSON ({e}).") from None
+    except PermissionError:
+        raise ModelError(f"model {source}: {name} cannot be read (permission denied).") from None
+    except Exception as e:  # hub errors: offline, unknown repo, gated
+        raise ModelError(f"model {source} cannot be read: {type(e).__name__}: {e}") from None
+
+
+def inspect_model(ref: str | None = None, storage_options: dict | None = None) -> ModelInfo:
+    """Read a model's configs (no weights) and its generation defaults from its optional `sdflow.json`."""
+    ref = ref or DEFAULT_MODEL
+    local = _local_model_dir(ref, storage_options)
+    source = str(local) if local is not None else ref
+    if local is not None and not local.is_dir():
+        raise ModelError(f"model folder {ref} does not exist (or is not a folder).")
+    configs = {name: _read_json(source, local, name) for name in COMPONENT_FILES}
+    unet, vae = configs["unet/config.json"], configs["vae/config.json"]
+    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    defaults = {}
+    if local is not None and (local / "sdflow.json").exists():
+        defaults = _read_json(source, local, "sdflow.json")
+    digest = hashlib.sha256(json.dumps(configs, sort_keys=True).encode())
+    if local is not None:
+        for weights in sorted(local.glob("*/*.safetensors")):
+            digest.update(f"{weights.relative_to(local)}:{weights.stat().st_size}".encode())
+    sample = unet["sample_size"]
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return ModelInfo(
+        ref=ref,
+        source=source,
+        fingerprint=digest.hexdigest()[:16],
+        vae_scale_factor=vae_scale,
+        # diffusers' pipelines require multiples of 8; the VAE needs its own factor too.
+        size_multiple=max(8, vae_scale),
+        native_size=sample * vae_scale,
+        latent_channels=unet["in_channels"],
+        default_steps=int(defaults.get("steps", FALLBACK_STEPS)),
+        default_guidance=float(defaults.get("guidance_scale", FALLBACK_GUIDANCE)),
+        default_negative_prompt=str(defaults.get("negative_prompt", "")),
+        scheduler_config=configs["scheduler/scheduler_config.json"],
+    )
+
+
+_loaded: dict[tuple[str, str, torch.dtype], Components] = {}
+_load_lock = threading.Lock()
+
+
+def load_components(info: ModelInfo, device: torch.device, dtype: torch.dtype) -> Components:
+    """Load (once per process) the tokenizer, text encoder, U-Net and VAE from safetensors, in eval mode."""
+    key = (info.source, str(device), dtype)
+    with _load_lock:
+        if key in _loaded:
+            return _loaded[key]
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        started = time.perf_counter()
+        kwargs = {"use_safetensors": True}
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(info.source, subfolder="tokenizer")
+            text_encoder = CLIPTextModel.from_pretrained(info.source, subfolder="text_encoder", dtype=dtype, **kwargs)
+            unet = UNet2DConditionModel.from_pretrained(info.source, subfolder="unet", torch_dtype=dtype, **kwargs)
+            vae = AutoencoderKL.from_pretrained(info.source, subfolder="vae", torch_dtype=dtype, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"model {info.ref} cannot be loaded: {e}") from None
+        modules = [m.to(device).eval().requires_grad_(False) for m in (text_encoder, unet, vae)]
+        components = Components(info, tokenizer, *modules, device, dtype, time.perf_counter() - started)
+        _loaded[key] = components
+        log.info("loaded %s on %s as %s in %.1f s", info.ref, device, dtype, components.load_seconds)
+        return components
+
+
+load_components_task = task(load_components, name="load-model", cache_policy=NO_CACHE, persist_result=False)

@@ -1,0 +1,200 @@
+"""Storage: PNG encoding with AUTOMATIC1111 infotext, Parquet shards that `datasets` decodes, and the manifest.
+
+Layout of an output dataset (local folder or any fsspec URL):
+    OUT/data/part-NNNNN.parquet   one shard per chunk of prompt-table rows; a plain glob of data/ is the dataset
+    OUT/manifest.json             run parameters, versions, row counts, shards and timings, written last
+Files are written whole: locally to a temporary name, fsynced and renamed; on object stores as one upload.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image, PngImagePlugin
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from nodes.errors import StorageError
+from nodes.params import Row
+
+ROW_GROUP_ROWS = 64  # rows per Parquet row group: a few MB of 512px PNGs, what `datasets` streams by
+PNG_COMPRESS_LEVEL = 6  # zlib level; PNG is lossless at every level, lower only trades size for speed
+
+# AUTOMATIC1111's sampler names, so that image tools that read its infotext show ours correctly.
+A1111_SAMPLERS = {
+    "ddim": ("DDIM", None),
+    "pndm": ("PLMS", None),
+    "lms": ("LMS", None),
+    "euler": ("Euler", None),
+    "euler_a": ("Euler a", None),
+    "heun": ("Heun", None),
+    "dpmpp_2m": ("DPM++ 2M", None),
+    "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
+    "unipc": ("UniPC", None),
+}
+
+
+def _quote(value) -> str:
+    """Quote an infotext value as AUTOMATIC1111 does: JSON string syntax where it holds , : or a newline."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n\"") else text
+
+
+def infotext(row: Row, scheduler: str, model: str, version: str) -> str:
+    """The row's generation parameters in AUTOMATIC1111's "parameters" format."""
+    sampler, schedule = A1111_SAMPLERS.get(scheduler, (scheduler, None))
+    fields = [("Steps", row.steps), ("Sampler", sampler)]
+    if schedule:
+        fields.append(("Schedule type", schedule))
+    fields += [
+        ("CFG scale", f"{row.guidance_scale:g}"),
+        ("Seed", row.seed),
+        ("Size", f"{row.width}x{row.height}"),
+        ("Model", model),
+        ("Version", f"sdflow {version}"),
+    ]
+    lines = [row.prompt]
+    if row.negative_prompt:
+        lines.append(f"Negative prompt: {row.negative_prompt}")
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields))
+    return "\n".join(lines)
+
+
+def encode_png(pixels: np.ndarray, parameters: str) -> bytes:
+    """Lossless PNG of an (H, W, 3) uint8 array, with `parameters` in an iTXt chunk (UTF-8)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("parameters", parameters)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def encode_pngs(images, rows: list[Row], scheduler: str, model: str, version: str) -> dict[int, bytes]:
+    """PNG bytes for a batch of images (B, H, W, 3) uint8, keyed by row position."""
+    pixels = np.asarray(images)
+    return {r.position: encode_png(pixels[i], infotext(r, scheduler, model, version)) for i, r in enumerate(rows)}
+
+
+def _feature(dtype: pa.DataType) -> dict:
+    """The Hugging Face `datasets` feature for an Arrow type, as its JSON metadata spells it."""
+    if pa.types.is_struct(dtype):
+        return {dtype.field(i).name: _feature(dtype.field(i).type) for i in range(dtype.num_fields)}
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype):
+        feature = {"feature": _feature(dtype.value_type), "_type": "List"}
+        if pa.types.is_fixed_size_list(dtype):
+            feature["length"] = dtype.list_size
+        return feature
+    names = {pa.float16(): "float16", pa.float32(): "float32", pa.float64(): "float64", pa.string(): "string"}
+    return {"dtype": names.get(dtype, str(dtype)), "_type": "Value"}
+
+
+def huggingface_metadata(schema: pa.Schema) -> dict[bytes, bytes]:
+    """Schema metadata that makes `datasets` decode the `image` column as PIL images."""
+    features = {f.name: ({"_type": "Image"} if f.name == "image" else _feature(f.type)) for f in schema}
+    return {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
+
+
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def shard_table(rows: list[Row], pngs: dict[int, bytes], carried: pa.Table, scheduler: str, model: str) -> pa.Table:
+    """The output rows of one shard, in prompt-table order: image, parameters, then carried columns."""
+    images = pa.array([{"bytes": pngs[r.position], "path": None} for r in rows], type=IMAGE_TYPE)
+    columns = {
+        "image": images,
+        "id": pa.array([r.id for r in rows]),
+        "prompt": pa.array([r.prompt for r in rows], pa.string()),
+        "negative_prompt": pa.array([r.negative_prompt for r in rows], pa.string()),
+        "seed": pa.array([r.seed for r in rows], pa.int64()),
+        "steps": pa.array([r.steps for r in rows], pa.int32()),
+        "guidance_scale": pa.array([r.guidance_scale for r in rows], pa.float64()),
+        "width": pa.array([r.width for r in rows], pa.int32()),
+        "height": pa.array([r.height for r in rows], pa.int32()),
+        "scheduler": pa.array([scheduler] * len(rows), pa.string()),
+        "model": pa.array([model] * len(rows), pa.string()),
+    }
+    for name in carried.column_names:
+        columns[name] = carried.column(name)
+    table = pa.table(columns)
+    return table.replace_schema_metadata(huggingface_metadata(table.schema))
+
+
+def open_output(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and root path of an output location; refuses one that already holds a dataset."""
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        root = root.rstrip("/")
+        if fs.exists(f"{root}/manifest.json") or (fs.exists(f"{root}/data") and fs.ls(f"{root}/data")):
+            raise StorageError(f"output {url} already holds a dataset; write to a new location.")
+        if isinstance(fs, LocalFileSystem):
+            fs.makedirs(f"{root}/data", exist_ok=True)
+    except StorageError:
+        raise
+    except PermissionError:
+        raise StorageError(f"output {url} cannot be written: permission denied.") from None
+    except Exception as e:  # store errors: missing bucket, bad credentials, unreachable endpoint
+        raise StorageError(f"output {url} cannot be used: {type(e).__name__}: {e}") from None
+    return fs, root
+
+
+def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a whole file so that readers never see part of it.
+
+    Locally: a hidden temporary file in the same folder, fsynced, then renamed over `path`. On object
+    stores one PUT (or one completed multipart upload) is already all-or-nothing.
+    """
+    if isinstance(fs, LocalFileSystem):
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def shard_path(root: str, index: int) -> str:
+    return f"{root}/data/part-{index:05d}.parquet"
+
+
+def write_shard(fs: fsspec.AbstractFileSystem, root: str, index: int, table: pa.Table) -> dict:
+    """Write one shard's Parquet file; returns its manifest entry."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=ROW_GROUP_ROWS)
+    path = shard_path(root, index)
+    write_file(fs, path, buffer.getvalue())
+    return {"file": f"data/{os.path.basename(path)}", "rows": table.num_rows, "bytes": buffer.tell()}
+
+
+def write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> None:
+    write_file(fs, f"{root}/manifest.json", (json.dumps(manifest, indent=2, default=str) + "\n").encode())
+
+
+def encode_and_write_shard(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    index: int,
+    rows: list[Row],
+    pngs: list[dict[int, bytes]],
+    carried: pa.Table,
+    scheduler: str,
+    model: str,
+) -> dict:
+    """Assemble a shard from its batches' PNGs and write it."""
+    merged = {position: data for batch in pngs for position, data in batch.items()}
+    return write_shard(fs, root, index, shard_table(rows, merged, carried, scheduler, model))
+
+
+encode_pngs_task = task(encode_pngs, name="encode-pngs", cache_policy=NO_CACHE, persist_result=False)
+write_shard_task = task(encode_and_write_shard, name="write-shard", cache_policy=NO_CACHE, persist_result=False)
