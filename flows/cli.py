@@ -50,12 +50,46 @@ def configure_logging(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
         os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
+    log = logging.getLogger("sdflow")
+    for old in [h for h in log.handlers if getattr(h, "sdflow_cli", False)]:
+        log.removeHandler(old)  # bound to an earlier sys.stderr (in-process callers)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("sdflow: %(levelname)s: %(message)s"))
-    log = logging.getLogger("sdflow")
+    handler.sdflow_cli = True
     log.addHandler(handler)
     log.setLevel(logging.INFO if verbose else logging.WARNING)
     log.propagate = False
+
+
+class QuietConsole(logging.Filter):
+    """Keeps Prefect's and its server's records off the console (not off the API) while the CLI runs a flow.
+
+    A filter on the console handlers rather than logger levels: Prefect may reconfigure its loggers when a
+    run starts (in-process callers, test harnesses), but it keeps its handlers.
+    """
+
+    NOISY = ("prefect", "docket", "uvicorn", "httpx", "sqlalchemy")
+
+    def __init__(self) -> None:
+        super().__init__()
+        from prefect.logging.configuration import ensure_logging_setup
+
+        ensure_logging_setup()  # Prefect makes its handlers once; later setups only adjust levels
+        loggers = [logging.getLogger()] + [
+            logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith(self.NOISY)
+        ]
+        self.handlers = {
+            h for logger in loggers for h in logger.handlers if type(h).__name__ in ("PrefectConsoleHandler", "StreamHandler")
+        }
+        for handler in self.handlers:
+            handler.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.CRITICAL or not record.name.startswith(self.NOISY)
+
+    def close(self) -> None:
+        for handler in self.handlers:
+            handler.removeFilter(self)
 
 
 def fail(message: str, code: int) -> int:
@@ -82,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["SDFLOW_STORAGE_OPTIONS"] = args.storage_options
     from nodes.errors import SdflowError
 
+    quiet = QuietConsole() if not args.verbose else None
     try:
         from flows.generate import generate_dataset
 
@@ -113,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         return fail(f"{type(e).__name__}: {e} (run with --verbose for the traceback).", EXIT_BUG)
+    finally:
+        if quiet:
+            quiet.close()
     print(summary(manifest, args.out), file=sys.stderr)
     return 0
 

@@ -128,14 +128,15 @@ def shard_table(rows: list[Row], pngs: dict[int, bytes], carried: pa.Table, sche
 
 
 def open_output(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and root path of an output location; refuses one that already holds a dataset."""
+    """The filesystem and root path of an output location; refuses one that already holds a dataset.
+
+    Creates nothing: folders appear with the first shard, so a run that fails early leaves no trace.
+    """
     try:
         fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         root = root.rstrip("/")
         if fs.exists(f"{root}/manifest.json") or (fs.exists(f"{root}/data") and fs.ls(f"{root}/data")):
             raise StorageError(f"output {url} already holds a dataset; write to a new location.")
-        if isinstance(fs, LocalFileSystem):
-            fs.makedirs(f"{root}/data", exist_ok=True)
     except StorageError:
         raise
     except PermissionError:

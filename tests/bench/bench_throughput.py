@@ -1,0 +1,367 @@
+"""Whole-process throughput: `sdflow generate` against a hand-written diffusers script, same model and workload.
+
+    python tests/bench/bench_throughput.py [--rows N] [--batch-size B] [--steps S] [--size small|medium]
+        [--scheduler NAME] [--guidance G] [--repeats R] [--threads T] [--keep] ...
+
+Builds a toy Stable Diffusion with nodes.toymodel (random weights, nothing downloaded), writes a Parquet
+prompt table of N rows with an `id`, `prompt` and `seed` column, then runs, each as its own process with
+the same environment:
+  (a) `sdflow generate TABLE OUT --model M --steps S --guidance G --batch-size B ...`
+  (b) tests/bench/baseline_diffusers.py, StableDiffusionPipeline over the same table, same batches and seeds.
+Each is timed from process start to exit (wall clock); the table shows seconds and images/s, and the ratio
+sdflow/baseline (>= 1 means sdflow is at least as fast). Where time went inside each process comes from
+sdflow's manifest.json timings and the baseline's own timings record.
+
+A standalone script, not a test: it asserts nothing about speed. Timings on a shared CPU machine are
+noisy: use --repeats and read the median, and compare runs made at the same time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+BASELINE = HERE / "baseline_diffusers.py"
+sys.path.insert(0, str(REPO))  # nodes.toymodel, also when the package is not installed
+
+# Model sizes. `medium` makes the U-Net the dominant cost (its width and depth grow; text encoder and VAE
+# stay small), so that the comparison is about the generation loop rather than Python overheads.
+SIZES = {
+    "small": {},  # ToyModelConfig() defaults: ~1.7 M parameters, 64x64 images
+    "medium": {"unet_channels": (64, 128, 256), "layers_per_block": 2, "text_width": 64, "sample_size": 32},
+}
+
+COLOURS = "red green blue yellow orange purple pink white black gray brown cyan magenta".split()
+SHAPES = "circle square triangle star cat dog house tree car boat".split()
+PLACES = "left right top bottom centre middle".split()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=160, help="prompt-table rows = images per run (default: 160)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call / U-Net batch (default: 8)")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps (default: 10)")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
+    p.add_argument("--scheduler", default="ddim", help="sdflow scheduler name, or 'model' for the model's own (default: ddim)")
+    p.add_argument("--size", choices=sorted(SIZES), default="medium", help="toy model size (default: medium)")
+    p.add_argument("--shard-size", type=int, default=256, help="sdflow --shard-size (default: 256)")
+    p.add_argument("--seed", type=int, default=0, help="first row seed; row i gets seed + i (default: 0)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs of each side, alternating order (default: 1)")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both processes (default: torch's own choice)")
+    p.add_argument("--only", choices=["sdflow", "baseline"], help="run one side only")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed 1-row run of each side first")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for both (repeatable)")
+    p.add_argument("--prefect-home", help="PREFECT_HOME for sdflow (default: a fresh folder in the work dir)")
+    p.add_argument("--workdir", help="where model, tables and outputs go (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (model, outputs, logs)")
+    p.add_argument("--no-compare", action="store_true", help="skip comparing the two sides' images")
+    args = p.parse_args(argv)
+    if args.scheduler == "model":
+        args.scheduler = None
+    return args
+
+
+# --- setup ----------------------------------------------------------------------------------------------
+
+
+def build_model(path: Path, size: str, steps: int, guidance: float) -> dict:
+    """Save the toy model; returns a description of it (parameters per component, image size)."""
+    from nodes.toymodel import ToyModelConfig, save_toy_model
+
+    config = ToyModelConfig(**SIZES[size])
+    save_toy_model(path, config, defaults={"steps": steps, "guidance_scale": guidance})
+    params = {}
+    from safetensors import safe_open
+
+    for weights in sorted(path.glob("*/*.safetensors")):
+        with safe_open(str(weights), framework="pt") as f:
+            total = 0
+            for name in f.keys():
+                n = 1
+                for d in f.get_slice(name).get_shape():
+                    n *= d
+                total += n
+        params[weights.parent.name] = total
+    vae = json.loads((path / "vae" / "config.json").read_text())
+    side = config.sample_size * 2 ** (len(vae["block_out_channels"]) - 1)
+    return {"config": config, "params": params, "image_side": side}
+
+
+def write_prompt_table(path: Path, rows: int, first_seed: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(1234)
+    prompts = [
+        f"a {rng.choice(['small', 'large', 'tiny', 'big'])} {rng.choice(COLOURS)} {rng.choice(SHAPES)} "
+        f"at the {rng.choice(PLACES)} on a plain {rng.choice(COLOURS)} background"
+        for _ in range(rows)
+    ]
+    table = pa.table(
+        {
+            "id": pa.array(range(rows), pa.int64()),
+            "prompt": pa.array(prompts, pa.string()),
+            "seed": pa.array([first_seed + i for i in range(rows)], pa.int64()),
+        }
+    )
+    pq.write_table(table, path)
+
+
+def check_scheduler_tables() -> str | None:
+    """The baseline's copy of SCHEDULERS must be sdflow's; returns a warning if they differ."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_diffusers", BASELINE)
+    baseline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(baseline)  # imports diffusers and torch, as this process has already
+    try:
+        from nodes.denoise import SCHEDULERS
+    except Exception as e:  # sdflow's modules are being edited by others: do not fail the benchmark on it
+        return f"could not import nodes.denoise to compare schedulers ({type(e).__name__}: {e})"
+    if baseline.SCHEDULERS != SCHEDULERS:
+        return "baseline_diffusers.SCHEDULERS differs from nodes.denoise.SCHEDULERS: the two sides may not use the same scheduler"
+    return None
+
+
+# --- running --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    side: str
+    repeat: int
+    wall: float
+    cpu: float  # user + system seconds of the process and the children it waited for
+    images: int
+    inner: dict = field(default_factory=dict)  # the process's own timings
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.wall
+
+
+def run_process(cmd: list[str], env: dict, log: Path) -> tuple[float, float, int]:
+    """Run to completion; returns (wall seconds, CPU seconds, return code). Output goes to `log`."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(log, "wb") as out:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        code = proc.wait()
+        wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, code
+
+
+def sdflow_command(args, model: Path, table: Path, out: Path, steps: int) -> list[str]:
+    exe = Path(sys.executable).with_name("sdflow")
+    cmd = [str(exe) if exe.exists() else (shutil.which("sdflow") or "sdflow"), "generate", str(table), str(out)]
+    cmd += ["--model", str(model), "--steps", str(steps), "--guidance", str(args.guidance)]
+    cmd += ["--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size), "--seed", str(args.seed)]
+    if args.scheduler:
+        cmd += ["--scheduler", args.scheduler]
+    return cmd
+
+
+def baseline_command(args, model: Path, table: Path, out: Path, steps: int, timings: Path) -> list[str]:
+    cmd = [sys.executable, str(BASELINE), str(model), str(table), str(out)]
+    cmd += ["--steps", str(steps), "--guidance", str(args.guidance), "--batch-size", str(args.batch_size)]
+    cmd += ["--timings", str(timings)]
+    if args.scheduler:
+        cmd += ["--scheduler", args.scheduler]
+    return cmd
+
+
+def run_side(side: str, args, env, work: Path, model: Path, table: Path, tag: str, steps: int) -> Run:
+    out = work / "out" / f"{side}-{tag}"
+    if out.exists():
+        shutil.rmtree(out)
+    log = work / "logs" / f"{side}-{tag}.log"
+    timings = work / "logs" / f"{side}-{tag}.json"
+    if side == "sdflow":
+        cmd = sdflow_command(args, model, table, out, steps)
+    else:
+        cmd = baseline_command(args, model, table, out, steps, timings)
+    wall, cpu, code = run_process(cmd, env, log)
+    if code != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"{side} failed with exit code {code}: {' '.join(cmd)}\n--- {log} (tail) ---\n{tail}")
+    if side == "sdflow":
+        manifest = json.loads((out / "manifest.json").read_text())
+        inner, images = manifest["timings"], manifest["rows"]["generated"]
+    else:
+        inner = json.loads(timings.read_text())
+        images = inner["images"]
+    return Run(side, int(tag[1:]) if tag.startswith("r") else -1, wall, cpu, images, inner)
+
+
+# --- reporting ------------------------------------------------------------------------------------------
+
+
+def compare_images(sdflow_out: Path, baseline_out: Path) -> str:
+    """Largest per-pixel difference between the two sides' images, matched by id."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    ours = pq.read_table(sorted((sdflow_out / "data").glob("*.parquet"))).to_pydict()
+    theirs = pq.read_table(baseline_out / "images.parquet").to_pydict()
+    by_id = dict(zip(theirs["id"], theirs["image"]))
+    worst, over_one = 0, 0
+    for row_id, image in zip(ours["id"], ours["image"]):
+        a = np.asarray(Image.open(io.BytesIO(image["bytes"])).convert("RGB"), dtype=np.int16)
+        b = np.asarray(Image.open(io.BytesIO(by_id[row_id])).convert("RGB"), dtype=np.int16)
+        if a.shape != b.shape:
+            return f"images differ in size: {a.shape} vs {b.shape}"
+        diff = int(np.abs(a - b).max())
+        worst = max(worst, diff)
+        over_one += diff > 1
+    return (
+        f"{len(ours['id'])} images compared by id: largest pixel difference {worst} (uint8 levels), "
+        f"{over_one} image(s) differ by more than 1"
+    )
+
+
+def summarise(runs: list[Run]) -> dict:
+    walls = sorted(r.wall for r in runs)
+    best = min(runs, key=lambda r: r.wall)
+    med = statistics.median(walls)
+    gen = [r.inner.get("generation_seconds") for r in runs if r.inner.get("generation_seconds")]
+    return {
+        "best": best,
+        "median_wall": med,
+        "median_rate": best.images / med,
+        "median_gen": statistics.median(gen) if gen else float("nan"),
+    }
+
+
+def report(args, setup: dict, runs: list[Run], warmups: dict, compare: str | None, warning: str | None) -> None:
+    params = setup["params"]
+    total = sum(params.values())
+    side = setup["image_side"]
+    print()
+    print("sdflow throughput benchmark (whole process, wall clock from start to exit)")
+    print(f"  model    : toy '{args.size}', {total / 1e6:.2f} M parameters "
+          f"({', '.join(f'{k} {v / 1e6:.2f} M' for k, v in params.items())})")
+    print(f"  workload : {args.rows} rows -> {side}x{side} images, {args.steps} steps, guidance {args.guidance}, "
+          f"scheduler {args.scheduler or 'model default'}, batch {args.batch_size}, shard {args.shard_size}")
+    print(f"  machine  : {os.cpu_count()} CPUs, torch threads {setup['threads']}, repeats {args.repeats}; "
+          f"timings on a shared machine are noisy")
+    if warning:
+        print(f"  WARNING  : {warning}")
+    if warmups:
+        print("  warm-up  : " + ", ".join(f"{k} {v:.1f} s" for k, v in warmups.items())
+              + " (1 row, 1 step, untimed; sdflow's creates its Prefect database)")
+    print()
+    header = (f"  {'':9} {'wall s':>8} {'img/s':>7} {'med wall':>9} {'med img/s':>9} {'CPU s':>7}"
+              f" {'load s':>7} {'gen s':>7} {'gen img/s':>9} {'other s':>8}")
+    print(header)
+    print("  " + "-" * (len(header) - 2))
+    stats = {}
+    for name in ("baseline", "sdflow"):
+        mine = [r for r in runs if r.side == name]
+        if not mine:
+            continue
+        s = stats[name] = summarise(mine)
+        b = s["best"]
+        gen = b.inner.get("generation_seconds", float("nan"))
+        load = b.inner.get("model_load_seconds", float("nan"))
+        print(f"  {name:9} {b.wall:8.1f} {b.rate:7.2f} {s['median_wall']:9.1f} {s['median_rate']:9.2f} {b.cpu:7.1f}"
+              f" {load:7.1f} {gen:7.1f} {b.images / gen:9.2f} {b.wall - gen:8.1f}")
+    print()
+    print("  img/s = images / whole-process wall; 'gen' = the generation loop alone (from after the model load to")
+    print("  the last file written, PNG encoding and table reading included); 'other' = wall - gen: interpreter")
+    print("  start, imports, Prefect's server and flow run (sdflow), model load, shutdown. Best = fastest run.")
+    if "sdflow" in stats and "baseline" in stats:
+        a, b = stats["sdflow"], stats["baseline"]
+        print()
+        print(f"  ratio sdflow/baseline, images/s whole process : best {a['best'].rate / b['best'].rate:.3f}, "
+              f"median {a['median_rate'] / b['median_rate']:.3f}   (>= 1: sdflow at least as fast)")
+        print(f"  ratio sdflow/baseline, images/s generation    : median {b['median_gen'] / a['median_gen']:.3f}")
+        sd = a["best"].inner
+        print(f"  sdflow start-up and teardown outside its flow body: {a['best'].wall - sd['seconds']:.1f} s "
+              f"(flow body {sd['seconds']:.1f} s of {a['best'].wall:.1f} s)")
+    if compare:
+        print(f"  images   : {compare}")
+    print()
+    print("  all runs: " + "; ".join(f"{r.side} r{r.repeat} {r.wall:.1f} s" for r in runs))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sdflow-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(exist_ok=True)
+    (work / "out").mkdir(exist_ok=True)
+
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    env["PREFECT_HOME"] = args.prefect_home or str(work / "prefect-home")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    for item in args.env:
+        key, _, value = item.partition("=")
+        env[key] = value
+    env.pop("PYTHONPROFILEIMPORTTIME", None)
+
+    try:
+        print(f"work dir {work}; building the '{args.size}' toy model ...", flush=True)
+        model = work / f"model-{args.size}"
+        if model.exists():
+            shutil.rmtree(model)
+        setup = build_model(model, args.size, args.steps, args.guidance)
+        table = work / "prompts.parquet"
+        write_prompt_table(table, args.rows, args.seed)
+        warning = check_scheduler_tables()
+        sides = [args.only] if args.only else ["sdflow", "baseline"]
+
+        warmups = {}
+        if not args.no_warmup:
+            tiny = work / "warmup.parquet"
+            write_prompt_table(tiny, 1, args.seed)
+            for name in sides:
+                print(f"warm-up {name} ...", flush=True)
+                warmups[name] = run_side(name, args, env, work, model, tiny, "warmup", steps=1).wall
+
+        runs: list[Run] = []
+        for repeat in range(args.repeats):
+            order = sides if repeat % 2 == 0 else sides[::-1]
+            for name in order:
+                print(f"run {repeat + 1}/{args.repeats}: {name} ...", flush=True)
+                run = run_side(name, args, env, work, model, table, f"r{repeat}", steps=args.steps)
+                print(f"  {run.wall:.1f} s, {run.rate:.2f} images/s", flush=True)
+                runs.append(run)
+                if name == "baseline":
+                    setup["threads"] = run.inner.get("torch_threads")
+        if "threads" not in setup:
+            setup["threads"] = args.threads or "default"
+
+        compare = None
+        if not args.no_compare and len(sides) == 2:
+            last = f"r{args.repeats - 1}"
+            compare = compare_images(work / "out" / f"sdflow-{last}", work / "out" / f"baseline-{last}")
+        report(args, setup, runs, warmups, compare, warning)
+    finally:
+        if args.keep or args.workdir:
+            print(f"\nkept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The `sdflow` command: bad input gets one paragraph and exit code 2, never a traceback or a partial dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from flows.cli import main
+from tests.conftest import write_table
+
+GOOD = [{"id": i, "prompt": f"a red circle {i}"} for i in range(3)]
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    code = main(["generate", *map(str, args)])
+    return code, capsys.readouterr().err
+
+
+def assert_clean_failure(code: int, err: str, out: Path, *phrases: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert err.startswith("sdflow: error: ")
+    for phrase in phrases:
+        assert phrase in " ".join(err.split()), err
+    assert not out.exists(), "a failed run must leave no dataset behind"
+
+
+@pytest.fixture
+def broken_weights_model(tiny_model, tmp_path) -> Path:
+    """The tiny model with a corrupt U-Net weight file: its configs read fine, loading it fails."""
+    model = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, model)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    return model
+
+
+def test_missing_prompt_column(prefect_api, tiny_model, tmp_path, capsys):
+    table = write_table(tmp_path / "t.parquet", [{"caption": "a cat", "seed": 1}])
+    code, err = run_cli(capsys, table, tmp_path / "out", "--model", tiny_model)
+    assert_clean_failure(code, err, tmp_path / "out", "no 'prompt' column", "caption, seed")
+
+
+def test_null_prompt_names_ids_before_the_model_loads(prefect_api, broken_weights_model, tmp_path, capsys):
+    rows = GOOD + [{"id": 17, "prompt": None}, {"id": 23, "prompt": None}]
+    table = write_table(tmp_path / "t.parquet", rows)
+    code, err = run_cli(capsys, table, tmp_path / "out", "--model", broken_weights_model)
+    # The table is checked before any weight is read: the broken U-Net is never reached.
+    assert_clean_failure(code, err, tmp_path / "out", "'prompt'", "id 17, 23", "--skip-invalid")
+
+
+def test_file_that_is_not_parquet(prefect_api, tiny_model, tmp_path, capsys):
+    table = tmp_path / "prompts.parquet"
+    table.write_text("prompt\na cat\n")
+    code, err = run_cli(capsys, table, tmp_path / "out", "--model", tiny_model)
+    assert_clean_failure(code, err, tmp_path / "out", "prompts.parquet is not a Parquet file")
+
+
+@pytest.mark.parametrize("damage", ["missing", "no-unet-config", "bad-json"])
+def test_unreadable_model_folder(prefect_api, tiny_model, tmp_path, capsys, damage):
+    model = tmp_path / "model"
+    if damage != "missing":
+        shutil.copytree(tiny_model, model)
+    if damage == "no-unet-config":
+        (model / "unet" / "config.json").unlink()
+    if damage == "bad-json":
+        (model / "vae" / "config.json").write_text("{ not json")
+    table = write_table(tmp_path / "t.parquet", GOOD)
+    code, err = run_cli(capsys, table, tmp_path / "out", "--model", model)
+    expected = {
+        "missing": "does not exist",
+        "no-unet-config": "has no unet/config.json",
+        "bad-json": "vae/config.json is not valid JSON",
+    }[damage]
+    assert_clean_failure(code, err, tmp_path / "out", str(model), expected)
+
+
+def test_model_weights_that_fail_to_load(prefect_api, broken_weights_model, tmp_path, capsys):
+    table = write_table(tmp_path / "t.parquet", GOOD)
+    code, err = run_cli(capsys, table, tmp_path / "out", "--model", broken_weights_model)
+    assert_clean_failure(code, err, tmp_path / "out", "cannot be loaded")
+
+
+def test_bad_option_values(prefect_api, tiny_model, tmp_path, capsys):
+    table = write_table(tmp_path / "t.parquet", GOOD)
+    for args, phrase in [
+        (["--scheduler", "karras9000"], "--scheduler 'karras9000' is not one of"),
+        (["--width", "100"], "--width 100 is out of range"),
+        (["--steps", "0"], "--steps 0 is out of range"),
+        (["--storage-options", "{oops"], "not valid JSON"),
+    ]:
+        code, err = run_cli(capsys, table, tmp_path / "out", "--model", tiny_model, *args)
+        assert_clean_failure(code, err, tmp_path / "out", phrase)
+    os.environ.pop("SDFLOW_STORAGE_OPTIONS", None)
+
+
+def test_truncated_prompt_is_warned_with_its_row(prefect_api, tiny_model, tmp_path, capsys):
+    rows = [{"id": "long-one", "prompt": "red " * 100}, {"id": "short", "prompt": "blue"}]
+    table = write_table(tmp_path / "t.parquet", rows)
+    code, err = run_cli(capsys, table, tmp_path / "out", "--model", tiny_model)
+    assert code == 0, err
+    assert "row 'long-one': prompt is longer than 77 tokens and was truncated" in err
+    assert "'short'" not in err
+    assert "wrote 2 images in 1 shard(s)" in err
+
+
+def test_command_in_a_fresh_process(prefect_api, tiny_model, tmp_path):
+    """The installed `sdflow` entry point: a real run, then bad input, as a user sees them."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    sdflow = [sys.executable, "-m", "flows.cli"]
+    table = write_table(tmp_path / "t.parquet", GOOD)
+    ok = subprocess.run(
+        [*sdflow, "generate", table, str(tmp_path / "out"), "--model", tiny_model, "--scheduler", "dpmpp_2m"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "Traceback" not in ok.stderr
+    assert "wrote 3 images" in ok.stderr
+    assert pq.read_table(tmp_path / "out" / "data").num_rows == 3
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["parameters"]["scheduler"] == "dpmpp_2m"
+
+    bad = write_table(tmp_path / "bad.parquet", [{"text": "x"}])
+    failed = subprocess.run(
+        [*sdflow, "generate", bad, str(tmp_path / "out2"), "--model", tiny_model],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert failed.returncode == 2
+    assert failed.stderr.startswith("sdflow: error: prompt table") and "Traceback" not in failed.stderr
+    assert failed.stdout == ""

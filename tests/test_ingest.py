@@ -1,0 +1,149 @@
+"""Prompt ingestion: schema checks, per-row resolution and validation, streaming, batching."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nodes.errors import PromptTableError
+from nodes.ingest import (
+    derive_seed,
+    iter_row_chunks,
+    iter_shard_rows,
+    make_batches,
+    plan_prompt_table,
+    resolve_defaults,
+)
+from nodes.models import inspect_model
+from nodes.params import GenerationDefaults, Row
+from tests.conftest import write_table
+
+DEFAULTS = GenerationDefaults(steps=20, guidance_scale=7.5, width=64, height=64, negative_prompt="", seed=42)
+
+
+def plan(path, **kwargs):
+    options = {"defaults": DEFAULTS, "size_multiple": 8, "rows_per_shard": 4} | kwargs
+    return plan_prompt_table(str(path), **options)
+
+
+def all_rows(p, defaults=DEFAULTS):
+    return [row for _, rows, _ in iter_shard_rows(p, defaults, 8) for row in rows]
+
+
+def test_missing_prompt_column_names_the_columns_found(tmp_path):
+    path = write_table(tmp_path / "t.parquet", [{"text": "a cat", "seed": 1}])
+    with pytest.raises(PromptTableError, match=r"no 'prompt' column.*text, seed"):
+        plan(path)
+
+
+def test_wrong_column_type_names_column_and_type(tmp_path):
+    path = write_table(tmp_path / "t.parquet", [{"prompt": "a cat", "steps": "twenty"}])
+    with pytest.raises(PromptTableError, match=r"column 'steps'.*type string.*integer"):
+        plan(path)
+
+
+def test_not_parquet_and_missing_file_name_the_file(tmp_path):
+    bad = tmp_path / "prompts.csv"
+    bad.write_text("prompt\na cat\n")
+    with pytest.raises(PromptTableError, match=r"prompts\.csv is not a Parquet file"):
+        plan(bad)
+    with pytest.raises(PromptTableError, match=r"nope\.parquet does not exist"):
+        plan(tmp_path / "nope.parquet")
+
+
+def test_column_named_like_an_output_column_is_refused(tmp_path):
+    path = write_table(tmp_path / "t.parquet", [{"prompt": "a cat", "image": "x.png"}])
+    with pytest.raises(PromptTableError, match=r"image.*sdflow writes itself"):
+        plan(path)
+
+
+def test_null_and_empty_prompts_name_the_row_ids(tmp_path):
+    rows = [{"id": "a", "prompt": "ok"}, {"id": "b", "prompt": None}, {"id": "c", "prompt": "  "}]
+    path = write_table(tmp_path / "t.parquet", rows)
+    with pytest.raises(PromptTableError, match=r"'prompt'.*2 row\(s\) with id 'b', 'c'.*--skip-invalid"):
+        plan(path)
+
+
+def test_skip_invalid_records_rows_and_keeps_the_rest(tmp_path):
+    rows = [{"prompt": "ok", "steps": 3}, {"prompt": None, "steps": 3}, {"prompt": "ok", "steps": 0}]
+    p = plan(write_table(tmp_path / "t.parquet", rows), skip_invalid=True)
+    assert p.invalid == {1: (1, "prompt must be a non-empty string"), 2: (2, "steps must be a whole number from 1 to 1000")}
+    assert p.valid_rows == 1
+    assert [r.position for r in all_rows(p)] == [0]
+
+
+@pytest.mark.parametrize(
+    "column, value",
+    [
+        ("seed", -1),
+        ("seed", 1.5),
+        ("steps", 0),
+        ("steps", 5000),
+        ("guidance_scale", float("nan")),
+        ("width", 100),
+        ("height", 100_000),
+    ],
+)
+def test_out_of_range_values_name_column_and_row(tmp_path, column, value):
+    path = write_table(tmp_path / "t.parquet", [{"id": 7, "prompt": "a cat", column: value}])
+    with pytest.raises(PromptTableError, match=rf"column '{column}'.*id 7"):
+        plan(path)
+
+
+def test_duplicate_ids_are_named(tmp_path):
+    path = write_table(tmp_path / "t.parquet", [{"id": i % 3, "prompt": "x"} for i in range(5)])
+    with pytest.raises(PromptTableError, match=r"duplicate ids: 0, 1"):
+        plan(path)
+
+
+def test_row_values_override_defaults_and_nulls_take_them(tmp_path):
+    rows = [
+        {"id": "r1", "prompt": "a", "negative_prompt": "blurry", "seed": 5, "steps": 3, "guidance_scale": 1.0, "width": 32, "height": 48},
+        {"id": "r2", "prompt": "b", "negative_prompt": None, "seed": None, "steps": None, "guidance_scale": None, "width": None, "height": None},
+    ]
+    r1, r2 = all_rows(plan(write_table(tmp_path / "t.parquet", rows)))
+    assert r1 == Row(0, "r1", "a", "blurry", 5, 3, 1.0, 32, 48)
+    assert r2 == Row(1, "r2", "b", "", derive_seed(42, "r2"), 20, 7.5, 64, 64)
+
+
+def test_derived_seeds_depend_on_run_seed_and_id_only():
+    assert derive_seed(0, 5) == derive_seed(0, 5)
+    assert len({derive_seed(0, 5), derive_seed(1, 5), derive_seed(0, 6), derive_seed(0, "5")}) == 4
+    assert all(0 <= derive_seed(s, i) < 2**63 for s in range(3) for i in range(100))
+
+
+def test_ids_default_to_positions_and_columns_are_carried(tmp_path):
+    rows = [{"prompt": f"p{i}", "meta": i * 10, "tags": ["x"] * i} for i in range(10)]
+    p = plan(write_table(tmp_path / "t.parquet", rows))
+    assert p.carried_columns == ("meta", "tags")
+    shards = list(iter_shard_rows(p, DEFAULTS, 8))
+    assert [(s.start, s.stop) for s, _, _ in shards] == [(0, 4), (4, 8), (8, 10)]
+    ids = [r.id for _, rows, _ in shards for r in rows]
+    assert ids == list(range(10))
+    assert [v for _, _, carried in shards for v in carried.column("meta").to_pylist()] == [i * 10 for i in range(10)]
+
+
+def test_streaming_chunks_are_exact_across_row_groups(tmp_path):
+    path = write_table(tmp_path / "t.parquet", [{"prompt": str(i)} for i in range(103)], row_group_size=10)
+    chunks = list(iter_row_chunks(pq.ParquetFile(path), 25))
+    assert [(start, t.num_rows) for start, t in chunks] == [(0, 25), (25, 25), (50, 25), (75, 25), (100, 3)]
+    assert pa.concat_tables([t for _, t in chunks]).column("prompt").to_pylist() == [str(i) for i in range(103)]
+
+
+def test_batches_share_size_and_steps_and_respect_batch_size():
+    rows = [Row(i, i, "p", "", i, 20 if i % 3 else 10, 7.5, 64, 64 if i % 2 else 32) for i in range(20)]
+    batches = make_batches(rows, 3)
+    assert sorted(r.position for b in batches for r in b) == list(range(20))
+    for batch in batches:
+        assert len(batch) <= 3
+        assert len({r.shape_key for r in batch}) == 1
+
+
+def test_defaults_come_from_the_model_and_options_are_checked(tiny_model):
+    info = inspect_model(tiny_model)
+    defaults = resolve_defaults(info, None, None, None, None, None, 0)
+    assert (defaults.steps, defaults.guidance_scale, defaults.width, defaults.height) == (4, 7.5, 64, 64)
+    assert resolve_defaults(info, 9, 3.0, 32, 96, "ugly", 1).width == 32
+    with pytest.raises(PromptTableError, match=r"--width 60 is out of range: a multiple of 8"):
+        resolve_defaults(info, None, None, 60, None, None, 0)

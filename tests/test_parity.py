@@ -1,0 +1,115 @@
+"""Every image equals diffusers' own StableDiffusionPipeline for that row alone, whatever its batch."""
+
+from __future__ import annotations
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from nodes.decode import decode_latents
+from nodes.denoise import SCHEDULERS, denoise, make_scheduler
+from nodes.encode import encode_prompts
+from nodes.latents import make_generators, prepare_latents
+from nodes.models import inspect_model, load_components
+from nodes.params import Row
+
+# A mixed batch: per-row seeds, guidance above, at and below 1 (no guidance), negative prompts or none.
+ROWS = [
+    Row(0, "a", "a small red circle on the left", "", 11, 4, 7.5, 64, 64),
+    Row(1, "b", "a large blue square at the top", "blurry", 22, 4, 1.0, 64, 64),
+    Row(2, "c", "a photo of a green triangle", "red", 33, 4, 3.0, 64, 64),
+    Row(3, "d", "a yellow star 🌟 in the centre", "", 44, 4, 0.5, 64, 64),
+]
+
+
+@pytest.fixture(scope="module")
+def components(tiny_model):
+    return load_components(inspect_model(tiny_model), torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_model, safety_checker=None, requires_safety_checker=False, use_safetensors=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(components, rows: list[Row], scheduler: str | None) -> np.ndarray:
+    """The flow's per-batch stages, called directly: (B, H, W, 3) uint8."""
+    sched = make_scheduler(scheduler, components.info.scheduler_config, rows[0].steps, components.device)
+    generators = make_generators(rows)
+    latents = prepare_latents(components, rows, generators, sched.init_noise_sigma)
+    latents = denoise(components, sched, latents, encode_prompts(components, rows), rows, generators)
+    return decode_latents(components, latents).numpy()
+
+
+def diffusers_image(pipe, row: Row, scheduler: str | None) -> np.ndarray:
+    """What diffusers gives for this row alone, with generator=torch.Generator("cpu").manual_seed(seed)."""
+    if scheduler is not None:
+        cls, overrides = SCHEDULERS[scheduler]
+        pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **overrides)
+    image = pipe(
+        row.prompt,
+        negative_prompt=row.negative_prompt or None,
+        num_inference_steps=row.steps,
+        guidance_scale=row.guidance_scale,
+        width=row.width,
+        height=row.height,
+        generator=torch.Generator("cpu").manual_seed(row.seed),
+    ).images[0]
+    return np.asarray(image)
+
+
+def max_level_difference(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_mixed_batch_matches_diffusers_row_by_row(components, reference, scheduler):
+    reference.scheduler = diffusers.PNDMScheduler.from_config(components.info.scheduler_config)
+    ours = generate(components, ROWS, scheduler)
+    for i, row in enumerate(ROWS):
+        assert max_level_difference(ours[i], diffusers_image(reference, row, scheduler)) <= 1, (scheduler, row.id)
+
+
+def test_models_own_scheduler_is_the_default(components, reference):
+    reference.scheduler = diffusers.PNDMScheduler.from_config(components.info.scheduler_config)
+    ours = generate(components, ROWS[:2], None)
+    for i, row in enumerate(ROWS[:2]):
+        assert max_level_difference(ours[i], diffusers_image(reference, row, None)) <= 1
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpmpp_2m_karras"])
+def test_a_row_alone_equals_the_row_in_a_batch(components, scheduler):
+    batch = generate(components, ROWS, scheduler)
+    for i, row in enumerate(ROWS):
+        alone = generate(components, [row], scheduler)[0]
+        assert max_level_difference(alone, batch[i]) <= 1, row.id
+    # Reordered, and with other neighbours: still the same images.
+    shuffled = generate(components, ROWS[::-1], scheduler)[::-1]
+    assert max_level_difference(shuffled, batch) <= 1
+
+
+def test_images_depend_on_seed_prompt_and_guidance(components):
+    """The comparisons above would be empty if the images ignored their inputs."""
+    base = ROWS[0]
+    variants = [
+        base,
+        Row(0, "a", base.prompt, "", base.seed + 1, 4, 7.5, 64, 64),
+        Row(0, "a", "a cat", "", base.seed, 4, 7.5, 64, 64),
+        Row(0, "a", base.prompt, "", base.seed, 4, 1.0, 64, 64),
+    ]
+    images = [generate(components, [r], "euler_a")[0] for r in variants]
+    for other in images[1:]:
+        assert max_level_difference(images[0], other) > 8
+
+
+def test_other_sizes_follow_the_vae_scale_factor(components, reference):
+    row = Row(0, "w", "a wide red square", "", 5, 4, 7.5, 96, 48)
+    ours = generate(components, [row], "euler")[0]
+    assert ours.shape == (48, 96, 3)
+    assert max_level_difference(ours, diffusers_image(reference, row, "euler")) <= 1

@@ -1,0 +1,322 @@
+"""Input and output on S3, against a real S3 HTTP endpoint on loopback (moto's server mode).
+
+Nothing is patched: the flow builds its own s3fs filesystems from URLs, exactly as in production, and
+reaches the server through AWS_ENDPOINT_URL (botocore's standard variable, which aiobotocore and so s3fs
+honour) or through SDFLOW_STORAGE_OPTIONS / --storage-options with an explicit endpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from PIL import Image
+
+from nodes.errors import ModelError, PromptTableError, SdflowError, StorageError
+from nodes.toymodel import TOY_WORDS
+
+from .conftest import write_table
+from .s3_server import FAKE_AWS_ENV, UNSET_AWS_ENV, MotoS3Server
+
+BUCKET = "sdflow-test"
+BATCH_SIZE = 4
+SHARD_SIZE = 4
+STEPS = 2  # storage is under test here, not sampling: as few U-Net calls as will do (2 CPU cores)
+
+# 8 rows, 2 shards of 4: ids are not positions, some rows carry their own seed and size, one column is
+# carried through untouched.
+ROWS = [
+    {"id": 100 + i, "prompt": f"a {TOY_WORDS[10 + i]} circle", "seed": (1000 + i if i % 2 else None), "tag": f"t{i}"}
+    for i in range(8)
+]
+ROWS[5].update(width=48, height=32)  # one row of another size: its own batch, its own PNG size
+for row in ROWS:
+    row.setdefault("width", None)
+    row.setdefault("height", None)
+NATIVE = 64  # the tiny model's images are 64x64
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    with MotoS3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Fake credentials and AWS_ENDPOINT_URL pointing at the loopback server; restored after the test."""
+    for name, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    for name in UNSET_AWS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("SDFLOW_STORAGE_OPTIONS", "")  # recorded, so that a CLI run's setting is undone too
+    return s3_server.endpoint_url
+
+
+@pytest.fixture
+def s3(s3_server, s3_env):
+    """A clean server with one empty bucket, and an s3fs client of the test's own to set up and check."""
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3_server.reset()
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server.endpoint_url, skip_instance_cache=True)
+    fs.mkdir(BUCKET)
+    yield fs
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def upload_table(fs: s3fs.S3FileSystem, folder, rows: list[dict], name: str) -> str:
+    """Write rows as a Parquet prompt table and upload it to s3://BUCKET/name; returns its URL."""
+    fs.put_file(write_table(folder / name, rows), f"{BUCKET}/{name}")
+    return f"s3://{BUCKET}/{name}"
+
+
+@pytest.fixture
+def s3_prompts(s3, tmp_path) -> str:
+    """The whole prompt table at s3://BUCKET/prompts.parquet."""
+    return upload_table(s3, tmp_path, ROWS, "prompts.parquet")
+
+
+@pytest.fixture
+def s3_small_prompts(s3, tmp_path) -> str:
+    """Its first two rows, for tests where the images do not matter (2 CPU cores: keep U-Net calls few)."""
+    return upload_table(s3, tmp_path, ROWS[:2], "small.parquet")
+
+
+@pytest.fixture(scope="module")
+def local_reference(prefect_api, tiny_model, tmp_path_factory):
+    """The same run written to a local folder: its manifest and images by id, what S3 runs must match."""
+    from flows.generate import generate_dataset
+
+    folder = tmp_path_factory.mktemp("s3-reference")
+    prompts = write_table(folder / "prompts.parquet", ROWS)
+    out = folder / "out"
+    manifest = generate_dataset(
+        prompts=prompts, out=str(out), model=tiny_model, batch_size=BATCH_SIZE, shard_size=SHARD_SIZE, steps=STEPS
+    )
+    tables = [pq.read_table(out / s["file"]) for s in manifest["shards"]]
+    return manifest, images_by_id(tables)
+
+
+@pytest.fixture
+def isolated_cli(monkeypatch):
+    """Undo what flows.cli.main does to the process: env defaults it sets and the 'sdflow' logger's setup."""
+    for name in (
+        "PREFECT_SERVER_ANALYTICS_ENABLED",
+        "HF_HUB_DISABLE_PROGRESS_BARS",
+        "TRANSFORMERS_VERBOSITY",
+        "PREFECT_LOGGING_LEVEL",
+        "PREFECT_LOGGING_SERVER_LEVEL",
+        "SDFLOW_STORAGE_OPTIONS",
+    ):
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # records the original value, or its absence
+        if name not in os.environ or not os.environ[name]:
+            monkeypatch.delenv(name)
+    log = logging.getLogger("sdflow")
+    saved = (list(log.handlers), log.level, log.propagate)
+    yield
+    log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def images_by_id(tables) -> dict:
+    """Decoded images of output shards as {id: uint8 array (H, W, 3)}."""
+    out = {}
+    for table in tables:
+        for row_id, image in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
+            out[row_id] = np.asarray(Image.open(io.BytesIO(image["bytes"])).convert("RGB"))
+    return out
+
+
+def read_s3_dataset(fs: s3fs.S3FileSystem, root: str) -> tuple[dict, list]:
+    """The manifest and shard tables of a dataset on S3, read through the test's own client."""
+    manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
+    tables = [pq.read_table(io.BytesIO(fs.cat_file(f"{root}/{s['file']}"))) for s in manifest["shards"]]
+    return manifest, tables
+
+
+def assert_same_images(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for row_id, pixels in want.items():
+        assert got[row_id].shape == pixels.shape, row_id
+        diff = np.abs(got[row_id].astype(np.int16) - pixels.astype(np.int16)).max()
+        assert diff <= 1, f"row {row_id}: images differ by up to {diff} levels"
+
+
+def expected_size(row: dict) -> tuple[int, int]:
+    """(width, height) of a row's image, as PIL reports it."""
+    return (row["width"] or NATIVE, row["height"] or NATIVE)
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+
+def test_s3_input_and_output_match_a_local_run(s3, s3_prompts, local_reference, prefect_api, tiny_model):
+    from flows.generate import generate_dataset
+
+    out = f"s3://{BUCKET}/out"
+    returned = generate_dataset(
+        prompts=s3_prompts, out=out, model=tiny_model, batch_size=BATCH_SIZE, shard_size=SHARD_SIZE, steps=STEPS
+    )
+
+    manifest, tables = read_s3_dataset(s3, f"{BUCKET}/out")
+    assert manifest["shards"] == returned["shards"]
+    assert [s["file"] for s in manifest["shards"]] == ["data/part-00000.parquet", "data/part-00001.parquet"]
+    assert [s["rows"] for s in manifest["shards"]] == [SHARD_SIZE, SHARD_SIZE]
+    # Exactly the shards and the manifest: no temporary or stray objects beside them.
+    assert sorted(s3.find(f"{BUCKET}/out")) == sorted(
+        [f"{BUCKET}/out/manifest.json"] + [f"{BUCKET}/out/{s['file']}" for s in manifest["shards"]]
+    )
+    for entry in manifest["shards"]:
+        assert s3.size(f"{BUCKET}/out/{entry['file']}") == entry["bytes"]
+    assert manifest["rows"] == {"table": len(ROWS), "generated": len(ROWS), "invalid": 0}
+    assert manifest["parameters"]["prompts"] == s3_prompts and manifest["parameters"]["out"] == out
+
+    # Every row, in table order, with its carried column and a PNG of its own size.
+    assert sum(t.num_rows for t in tables) == len(ROWS)
+    rows = [r for t in tables for r in t.to_pylist()]
+    assert [r["id"] for r in rows] == [r["id"] for r in ROWS]
+    assert [r["tag"] for r in rows] == [r["tag"] for r in ROWS]
+    for row, want in zip(rows, ROWS):
+        png = row["image"]["bytes"]
+        assert png.startswith(b"\x89PNG\r\n\x1a\n"), row["id"]
+        image = Image.open(io.BytesIO(png))
+        assert image.format == "PNG" and image.mode == "RGB"
+        assert image.size == expected_size(want), row["id"]
+        assert (row["width"], row["height"]) == expected_size(want)
+    assert tables[0].schema.metadata[b"huggingface"]  # `datasets` decodes the image column
+
+    # The key check: the store changes nothing about the images.
+    reference_manifest, reference_images = local_reference
+    assert [s["rows"] for s in reference_manifest["shards"]] == [s["rows"] for s in manifest["shards"]]
+    assert manifest["resolved"] == reference_manifest["resolved"]
+    assert_same_images(images_by_id(tables), reference_images)
+
+
+def test_model_read_from_s3_is_cached_locally_and_generates(
+    s3, local_reference, prefect_api, tiny_model, tmp_path, monkeypatch
+):
+    from flows.generate import generate_dataset
+
+    # The first shard's rows only: one batch, batched exactly as in the reference run.
+    first = upload_table(s3, tmp_path, ROWS[:SHARD_SIZE], "first.parquet")
+    cache = tmp_path / "sdflow-cache"
+    monkeypatch.setenv("SDFLOW_CACHE", str(cache))
+    s3.put(tiny_model.rstrip("/") + "/", f"{BUCKET}/models/tiny/", recursive=True)
+    assert s3.exists(f"{BUCKET}/models/tiny/model_index.json")
+    model_url = f"s3://{BUCKET}/models/tiny"
+
+    manifest = generate_dataset(
+        prompts=first, out=f"s3://{BUCKET}/out-s3-model", model=model_url,
+        batch_size=BATCH_SIZE, shard_size=SHARD_SIZE, steps=STEPS,
+    )
+
+    # One complete local copy, laid out as the original folder (not nested one level down).
+    copies = [p for p in (cache / "models").iterdir() if p.is_dir()]
+    assert len(copies) == 1, copies
+    copy = copies[0]
+    assert (copy / ".complete").exists()
+    original = sorted(str(p.relative_to(tiny_model)) for p in Path(tiny_model).rglob("*") if p.is_file())
+    copied = sorted(str(p.relative_to(copy)) for p in copy.rglob("*") if p.is_file() and p.name != ".complete")
+    assert copied == original
+
+    reference_manifest, reference_images = local_reference
+    # Same configs and weight files, so the same fingerprint and the same images as the local model.
+    assert manifest["resolved"]["model_fingerprint"] == reference_manifest["resolved"]["model_fingerprint"]
+    assert manifest["parameters"]["model"] == model_url
+    _, tables = read_s3_dataset(s3, f"{BUCKET}/out-s3-model")
+    assert manifest["rows"]["generated"] == SHARD_SIZE
+    assert set(t for table in tables for t in table.column("model").to_pylist()) == {model_url}
+    first_ids = [r["id"] for r in ROWS[:SHARD_SIZE]]
+    assert_same_images(images_by_id(tables), {i: reference_images[i] for i in first_ids})
+
+
+def test_missing_prompt_table_on_s3_names_the_url(s3, prefect_api, tiny_model):
+    from flows.generate import generate_dataset
+
+    url = f"s3://{BUCKET}/no-such-prompts.parquet"
+    with pytest.raises(PromptTableError, match=re.escape(url)):
+        generate_dataset(prompts=url, out=f"s3://{BUCKET}/out-missing", model=tiny_model)
+    assert not s3.find(f"{BUCKET}/out-missing")  # nothing written for a run that could not start
+
+
+def test_prompt_table_in_a_missing_bucket_names_the_url(s3, prefect_api, tiny_model):
+    from flows.generate import generate_dataset
+
+    url = "s3://no-such-bucket-prompts/prompts.parquet"
+    with pytest.raises(PromptTableError, match=re.escape(url)):
+        generate_dataset(prompts=url, out=f"s3://{BUCKET}/out-missing", model=tiny_model)
+
+
+def test_missing_model_on_s3_names_the_url(s3, prefect_api, s3_small_prompts, tmp_path, monkeypatch):
+    from flows.generate import generate_dataset
+
+    monkeypatch.setenv("SDFLOW_CACHE", str(tmp_path / "cache"))
+    url = f"s3://{BUCKET}/models/none"
+    with pytest.raises(ModelError, match=re.escape(url)):
+        generate_dataset(prompts=s3_small_prompts, out=f"s3://{BUCKET}/out-no-model", model=url)
+    assert not list((tmp_path / "cache").rglob(".complete"))  # no half-made copy marked as complete
+
+
+def test_output_that_already_holds_a_dataset_on_s3_is_refused(s3, s3_small_prompts, prefect_api, tiny_model):
+    from flows.generate import generate_dataset
+
+    s3.pipe_file(f"{BUCKET}/taken/manifest.json", b"{}")
+    with pytest.raises(StorageError, match=re.escape(f"s3://{BUCKET}/taken")):
+        generate_dataset(prompts=s3_small_prompts, out=f"s3://{BUCKET}/taken", model=tiny_model)
+    assert s3.cat_file(f"{BUCKET}/taken/manifest.json") == b"{}"  # untouched
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=FileNotFoundError,
+    reason="open_output does not check that an object-store output is writable: a missing bucket shows "
+    "only when the first shard is written, as a bare FileNotFoundError from s3fs after generation",
+)
+def test_output_to_a_missing_bucket_is_a_storage_error(s3, s3_small_prompts, prefect_api, tiny_model):
+    from flows.generate import generate_dataset
+
+    url = "s3://no-such-bucket-out/out"
+    with pytest.raises(SdflowError, match=re.escape(url)):
+        generate_dataset(prompts=s3_small_prompts, out=url, model=tiny_model, steps=1)
+
+
+def test_cli_with_storage_options_and_s3_urls(
+    s3, s3_env, s3_small_prompts, prefect_api, tiny_model, isolated_cli, monkeypatch, capsys
+):
+    from flows.cli import EXIT_INPUT, main
+
+    # The endpoint comes only from --storage-options here: without it the client would go to AWS.
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    s3fs.S3FileSystem.clear_instance_cache()
+    options = json.dumps({"client_kwargs": {"endpoint_url": s3_env}})
+    out = f"s3://{BUCKET}/cli-out"
+    code = main(
+        ["generate", s3_small_prompts, out, "--model", tiny_model, "--storage-options", options,
+         "--shard-size", "1", "--steps", "1"]
+    )
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"wrote 2 images in 2 shard(s) to {out}" in err
+    manifest, tables = read_s3_dataset(s3, f"{BUCKET}/cli-out")
+    assert [t.column("id").to_pylist() for t in tables] == [[ROWS[0]["id"]], [ROWS[1]["id"]]]
+    assert s3_env not in json.dumps(manifest)  # storage options are never recorded as parameters
+
+    missing = f"s3://{BUCKET}/cli-missing.parquet"
+    code = main(["generate", missing, f"s3://{BUCKET}/cli-out-2", "--model", tiny_model, "--storage-options", options])
+    err = capsys.readouterr().err
+    assert code == EXIT_INPUT, err
+    assert missing in err.replace("\n  ", " ")
