@@ -93,7 +93,14 @@ class QuietConsole(logging.Filter):
 
 
 def fail(message: str, code: int) -> int:
-    print(textwrap.fill(f"sdflow: error: {message}", width=100, subsequent_indent="  "), file=sys.stderr)
+    text = textwrap.fill(
+        f"sdflow: error: {message}",
+        width=100,
+        subsequent_indent="  ",
+        break_on_hyphens=False,  # URLs and paths stay whole, to be copied from the terminal
+        break_long_words=False,
+    )
+    print(text, file=sys.stderr)
     return code
 
 

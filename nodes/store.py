@@ -137,6 +137,12 @@ def open_output(url: str, storage_options: dict | None = None) -> tuple[fsspec.A
         root = root.rstrip("/")
         if fs.exists(f"{root}/manifest.json") or (fs.exists(f"{root}/data") and fs.ls(f"{root}/data")):
             raise StorageError(f"output {url} already holds a dataset; write to a new location.")
+        if hasattr(fs, "split_path"):  # bucket stores (s3fs, gcsfs, adlfs): a missing bucket shows only at a write
+            bucket = fs.split_path(root)[0]
+            if not fs.exists(bucket):
+                raise StorageError(
+                    f"output {url} cannot be used: bucket {bucket} does not exist, or these credentials cannot see it."
+                )
     except StorageError:
         raise
     except PermissionError:
@@ -162,7 +168,10 @@ def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(temporary, path)
     else:
-        fs.pipe_file(path, data)
+        try:
+            fs.pipe_file(path, data)
+        except OSError as e:  # missing bucket, permission denied, a store error: name the file
+            raise StorageError(f"{fs.unstrip_protocol(path)} cannot be written: {type(e).__name__}: {e}") from None
 
 
 def shard_path(root: str, index: int) -> str:

@@ -280,12 +280,6 @@ def test_output_that_already_holds_a_dataset_on_s3_is_refused(s3, s3_small_promp
     assert s3.cat_file(f"{BUCKET}/taken/manifest.json") == b"{}"  # untouched
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=FileNotFoundError,
-    reason="open_output does not check that an object-store output is writable: a missing bucket shows "
-    "only when the first shard is written, as a bare FileNotFoundError from s3fs after generation",
-)
 def test_output_to_a_missing_bucket_is_a_storage_error(s3, s3_small_prompts, prefect_api, tiny_model):
     from flows.generate import generate_dataset
 
@@ -322,12 +316,6 @@ def test_cli_with_storage_options_and_s3_urls(
     assert missing in " ".join(err.split()), err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="flows.cli.fail wraps with textwrap's default break_on_hyphens=True, which splits a long URL at "
-    "a hyphen: the URL in the message cannot be copied",
-)
 def test_cli_error_keeps_a_long_s3_url_whole(s3, s3_env, prefect_api, tiny_model, isolated_cli, capsys):
     from flows.cli import EXIT_INPUT, main
 
