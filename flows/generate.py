@@ -17,11 +17,12 @@ from nodes.decode import decode_latents_task
 from nodes.denoise import denoise_task, make_scheduler, scheduler_name
 from nodes.encode import encode_prompts_task
 from nodes.errors import SdflowError
+from nodes.commit import Committed, clean_uncommitted, read_committed, write_shard_task
 from nodes.ingest import PromptPlan, iter_shard_rows, make_batches, plan_prompt_table_task, resolve_defaults
 from nodes.latents import make_generators, prepare_latents_task
-from nodes.models import inspect_model, load_components_task, resolve_device, resolve_dtype
+from nodes.models import ModelInfo, inspect_model, load_components_task, resolve_device, resolve_dtype
 from nodes.params import GenerationDefaults
-from nodes.store import encode_pngs_task, open_output, write_manifest, write_shard_task
+from nodes.store import encode_pngs_task, open_output, write_manifest
 
 STORAGE_OPTIONS_ENV = "SDFLOW_STORAGE_OPTIONS"  # JSON fsspec options; kept out of flow parameters (secrets)
 
@@ -50,12 +51,17 @@ def storage_options_from_env() -> dict:
 def build_manifest(
     parameters: dict,
     defaults: GenerationDefaults,
+    info: ModelInfo,
+    device: str,
+    dtype: str,
     plan: PromptPlan,
-    shards: list[dict],
-    components,
+    committed: Committed,
+    written: list[dict],
     timings: dict,
 ) -> dict:
-    """The run's record: what was asked, what was resolved, with which software, and what came out."""
+    """The dataset's record: what was asked and resolved, with which software, which shards hold it, what failed."""
+    in_dataset = set(committed.keys.tolist())
+    failed = {f["key"]: f for m in committed.markers for f in m["failed"] if int(f["key"], 16) not in in_dataset}
     return {
         "format": "sdflow-dataset/1",
         "parameters": parameters,
@@ -66,21 +72,34 @@ def build_manifest(
             "height": defaults.height,
             "negative_prompt": defaults.negative_prompt,
             "seed": defaults.seed,
-            "model_fingerprint": components.info.fingerprint,
-            "device": str(components.device),
-            "dtype": str(components.dtype).removeprefix("torch."),
+            "model_fingerprint": info.fingerprint,
+            "device": device,
+            "dtype": dtype,
         },
-        "versions": {
-            "python": platform.python_version(),
-            **{p: package_version(p) for p in ("sdflow", "torch", "diffusers", "transformers", "prefect", "pyarrow")},
+        "versions": software_versions(),
+        "rows": {
+            "table": plan.num_rows,
+            "in_dataset": int(sum(m["rows"] for m in committed.markers)),
+            "generated": sum(m["rows"] for m in written),
+            "already_done": plan.already_done,
+            "invalid": len(plan.invalid),
+            "failed": len(failed),
+            "stale": plan.stale,
         },
-        "rows": {"table": plan.num_rows, "generated": sum(s["rows"] for s in shards), "invalid": len(plan.invalid)},
         "invalid_rows": [
             {"position": position, "id": row_id, "problem": problem}
             for position, (row_id, problem) in sorted(plan.invalid.items())
         ],
-        "shards": shards,
+        "failed_rows": list(failed.values()),
+        "shards": [{"shard": m["shard"], "file": m["file"], "rows": m["rows"]} for m in committed.markers if m["file"]],
         "timings": timings,
+    }
+
+
+def software_versions() -> dict:
+    return {
+        "python": platform.python_version(),
+        **{p: package_version(p) for p in ("sdflow", "torch", "diffusers", "transformers", "prefect", "pyarrow")},
     }
 
 
@@ -122,19 +141,64 @@ def generate_dataset(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     fs, root = open_output(out, storage_options)
-    plan = plan_prompt_table_task(prompts, defaults, info.size_multiple, shard_size, skip_invalid, storage_options)
+    committed = read_committed(fs, root)
+    plan = plan_prompt_table_task(
+        prompts,
+        defaults,
+        info.size_multiple,
+        shard_size,
+        identity=(sampler, info.fingerprint),
+        done_keys=committed.keys,
+        first_shard=committed.next_index,
+        skip_invalid=skip_invalid,
+        storage_options=storage_options,
+    )
 
-    components = load_components_task(info, torch_device, torch_dtype)
+    written = []
+    load_seconds = 0.0
     generation_started = time.time()
+    if plan.shards:
+        components = load_components_task(info, torch_device, torch_dtype)
+        load_seconds = components.load_seconds
+        generation_started = time.time()
+        written = generate_shards(components, plan, defaults, sampler, scheduler, batch_size, batches_in_flight, fs, root, progress, storage_options)
+
+    finished = time.time()
+    generated = sum(m["rows"] for m in written)
+    timings = {
+        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        "finished": datetime.fromtimestamp(finished, timezone.utc).isoformat(),
+        "seconds": round(finished - started, 3),
+        "model_load_seconds": round(load_seconds, 3),
+        "generation_seconds": round(finished - generation_started, 3),
+        "images_per_second": round(generated / max(finished - generation_started, 1e-9), 3),
+    }
+    committed = read_committed(fs, root)
+    clean_uncommitted(fs, root, committed.files)
+    manifest = build_manifest(
+        parameters, defaults, info, str(torch_device), str(torch_dtype).removeprefix("torch."), plan, committed, written, timings
+    )
+    write_manifest(fs, root, manifest)
+    return manifest
+
+
+def generate_shards(components, plan, defaults, sampler, scheduler, batch_size, batches_in_flight, fs, root, progress, storage_options) -> list[dict]:
+    """Generate and commit the planned shards; returns the markers this run wrote.
+
+    PNG encoding of a batch overlaps the next batch's denoising (at most `batches_in_flight` waiting), and one
+    shard may be committing while the next is generated, so memory stays flat.
+    """
+    info = components.info
     release = package_version("sdflow")
-    bar = tqdm(total=plan.valid_rows, unit="img", disable=not progress, desc="generating")
-    encoding = deque()  # PNG encoding of recent batches, overlapping the next batch's denoising
-    writing = deque()  # shard writes in flight
-    shards = []
-    for shard, rows, carried in iter_shard_rows(plan, defaults, info.size_multiple, storage_options):
+    extra = {"batch_size": batch_size, "versions": software_versions()}
+    bar = tqdm(total=plan.rows_to_generate, unit="img", disable=not progress, desc="generating")
+    encoding = deque()
+    writing = deque()
+    written = []
+    for shard, rows, carried, keys in iter_shard_rows(plan, defaults, info.size_multiple, storage_options):
         shard_pngs = []
         for batch in make_batches(rows, batch_size):
-            sched = make_scheduler(scheduler, info.scheduler_config, batch[0].steps, torch_device)
+            sched = make_scheduler(scheduler, info.scheduler_config, batch[0].steps, components.device)
             generators = make_generators(batch)
             embeds = encode_prompts_task(components, batch)
             latents = prepare_latents_task(components, batch, generators, sched.init_noise_sigma)
@@ -145,21 +209,11 @@ def generate_dataset(
             encoding.append(encode_pngs_task.submit(images, batch, sampler, info.ref, release))
             shard_pngs.append(encoding[-1])
             bar.update(len(batch))
-        writing.append(write_shard_task.submit(fs, root, shard.index, rows, shard_pngs, carried, sampler, info.ref))
-        while len(writing) > 1:  # one shard may be written while the next one is generated
-            shards.append(writing.popleft().result())
-    shards += [w.result() for w in writing]
+        writing.append(
+            write_shard_task.submit(fs, root, shard.index, rows, keys, shard_pngs, carried, sampler, info.ref, dict(extra))
+        )
+        while len(writing) > 1:
+            written.append(writing.popleft().result())
+    written += [w.result() for w in writing]
     bar.close()
-    finished = time.time()
-    generated = sum(s["rows"] for s in shards)
-    timings = {
-        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-        "finished": datetime.fromtimestamp(finished, timezone.utc).isoformat(),
-        "seconds": round(finished - started, 3),
-        "model_load_seconds": round(components.load_seconds, 3),
-        "generation_seconds": round(finished - generation_started, 3),
-        "images_per_second": round(generated / max(finished - generation_started, 1e-9), 3),
-    }
-    manifest = build_manifest(parameters, defaults, plan, shards, components, timings)
-    write_manifest(fs, root, manifest)
-    return manifest
+    return written

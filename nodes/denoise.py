@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from nodes.encode import PromptEmbeddings, uses_guidance
 from nodes.errors import SdflowError
+from nodes.faults import crash_point
 from nodes.models import Components
 from nodes.params import SCHEDULER_NAMES, Row
 
@@ -89,6 +90,7 @@ def denoise(
             noise_uncond, noise_text = noise.chunk(2)
             noise = torch.where(mask, noise_uncond + scale * (noise_text - noise_uncond), noise_text)
         latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+        crash_point("denoise-step")
     return latents
 
 

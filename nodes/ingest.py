@@ -7,12 +7,14 @@ row before any model is loaded), and generation streams all columns again one sh
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
@@ -43,27 +45,29 @@ SCAN_ROWS = 65_536  # rows per record batch in the planning pass: a few MB of co
 
 @dataclass(frozen=True)
 class Shard:
-    """A contiguous range of prompt-table rows, [start, stop), that becomes one output Parquet file."""
+    """Rows to generate into one output Parquet file: the next `rows` rows not yet done, in table order."""
 
-    index: int  # the n-th chunk of `rows_per_shard` rows in the table
-    start: int
-    stop: int
-    rows: int  # valid rows in the range, the ones that get an image
+    index: int  # the file's number, part-NNNNN; a committed index is never reused
+    rows: int
 
 
 @dataclass(frozen=True)
 class PromptPlan:
-    """What a run will generate: the table's size, its shards, and the rows skipped as invalid."""
+    """What a run will generate: the table's size, its shards, and the rows skipped as done or invalid."""
 
     url: str
     num_rows: int
     rows_per_shard: int
     carried_columns: tuple[str, ...]  # input columns passed through untouched to the output
-    shards: tuple[Shard, ...]  # only shards with at least one valid row
+    shards: tuple[Shard, ...]  # the rows still to generate
     invalid: dict[int, tuple[int | str, str]] = field(default_factory=dict)  # position -> (id, problem)
+    identity: tuple[str, str] = ("", "")  # (scheduler, model fingerprint): part of every row key
+    done_keys: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64), compare=False)  # sorted
+    already_done: int = 0  # rows of this table committed by earlier runs, skipped
+    stale: int = 0  # committed rows that this table and these parameters no longer produce
 
     @property
-    def valid_rows(self) -> int:
+    def rows_to_generate(self) -> int:
         return sum(s.rows for s in self.shards)
 
 
@@ -265,31 +269,60 @@ OPTION_RULES = {
 }
 
 
+def row_key(row: Row, scheduler: str, model_fingerprint: str) -> int:
+    """A row's identity as a 64-bit integer: its id, prompt, negative prompt, seed, parameters and model.
+
+    A committed row with the same key is the same image; changing any of these makes a new row.
+    """
+    payload = json.dumps(
+        [row.id, row.prompt, row.negative_prompt, row.seed, row.steps, row.guidance_scale, row.width, row.height,
+         scheduler, model_fingerprint],
+        ensure_ascii=False,
+    )
+    return int.from_bytes(hashlib.blake2b(payload.encode(), digest_size=8).digest(), "big")
+
+
+def _resolved_chunks(pf, columns, defaults, size_multiple, identity, chunk_rows):
+    """(start, chunk, valid rows, their keys as uint64, invalid) for each chunk of the table."""
+    for start, chunk in iter_row_chunks(pf, chunk_rows, columns=columns):
+        rows, invalid = resolve_rows(chunk, start, defaults, size_multiple)
+        keys = np.fromiter((row_key(r, *identity) for r in rows), dtype=np.uint64, count=len(rows))
+        yield start, chunk, rows, keys, invalid
+
+
 def plan_prompt_table(
     url: str,
     defaults: GenerationDefaults,
     size_multiple: int,
     rows_per_shard: int,
+    identity: tuple[str, str] = ("", ""),
+    done_keys: np.ndarray | None = None,
+    first_shard: int = 0,
     skip_invalid: bool = False,
     storage_options: dict | None = None,
 ) -> PromptPlan:
-    """Validate every row of the table (control columns only, streamed) and cut it into shards.
+    """Validate every row of the table (control columns only, streamed) and plan the rows still to generate.
 
-    Raises PromptTableError naming the invalid rows, unless `skip_invalid`, where they are listed in the
-    plan and left out of the output. Duplicate ids are always an error.
+    `identity` is (scheduler, model fingerprint), which with each row's values makes its key; rows whose key
+    is in `done_keys` (sorted uint64, from committed shards) are skipped. The rest are cut, in table order, into
+    shards of `rows_per_shard` numbered from `first_shard`. Raises PromptTableError naming the invalid rows,
+    unless `skip_invalid`, where they are listed in the plan and left out. Duplicate ids are always an error.
     """
     pf = open_prompt_table(url, storage_options)
     carried = check_schema(pf.schema_arrow, url)
     control = [c for c in CONTROL_COLUMNS if c in pf.schema_arrow.names]
+    done = np.sort(done_keys) if done_keys is not None else np.empty(0, np.uint64)
     invalid: dict[int, tuple[int | str, tuple[str, str]]] = {}
-    valid_per_shard: dict[int, int] = defaultdict(int)
     seen_ids: set = set()
     duplicates: list = []
-    for start, chunk in iter_row_chunks(pf, SCAN_ROWS, columns=control):
-        rows, bad = resolve_rows(chunk, start, defaults, size_multiple)
+    remaining = already_done = 0
+    current_done = np.zeros(len(done), dtype=bool)  # committed keys the table still produces
+    for _, chunk, rows, keys, bad in _resolved_chunks(pf, control, defaults, size_multiple, identity, SCAN_ROWS):
         invalid.update(bad)
-        for row in rows:
-            valid_per_shard[row.position // rows_per_shard] += 1
+        found = _positions_in(done, keys)
+        current_done[found[found >= 0]] = True
+        already_done += int((found >= 0).sum())
+        remaining += int((found < 0).sum())
         for row_id in chunk.column("id").to_pylist() if "id" in control else ():
             if row_id in seen_ids:
                 duplicates.append(row_id)
@@ -300,34 +333,64 @@ def plan_prompt_table(
         )
     if invalid and not skip_invalid:
         raise PromptTableError(describe_invalid(invalid, url) + " Fix them, or pass --skip-invalid to leave them out.")
-    num_rows = pf.metadata.num_rows
-    shards = tuple(
-        Shard(index=k, start=k * rows_per_shard, stop=min(num_rows, (k + 1) * rows_per_shard), rows=count)
-        for k, count in sorted(valid_per_shard.items())
-    )
+    counts = [rows_per_shard] * (remaining // rows_per_shard) + ([remaining % rows_per_shard] if remaining % rows_per_shard else [])
     return PromptPlan(
         url=url,
-        num_rows=num_rows,
+        num_rows=pf.metadata.num_rows,
         rows_per_shard=rows_per_shard,
         carried_columns=carried,
-        shards=shards,
+        shards=tuple(Shard(index=first_shard + k, rows=n) for k, n in enumerate(counts)),
         invalid={pos: (row_id, f"{column} {problem}") for pos, (row_id, (column, problem)) in invalid.items()},
+        identity=identity,
+        done_keys=done,
+        already_done=already_done,
+        stale=int((~current_done).sum()),
     )
+
+
+def _positions_in(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """For each key, its index in `sorted_keys`, or -1 where absent."""
+    if len(sorted_keys) == 0:
+        return np.full(len(keys), -1)
+    at = np.searchsorted(sorted_keys, keys).clip(max=len(sorted_keys) - 1)
+    return np.where(sorted_keys[at] == keys, at, -1)
 
 
 def iter_shard_rows(
     plan: PromptPlan, defaults: GenerationDefaults, size_multiple: int, storage_options: dict | None = None
-) -> Iterator[tuple[Shard, list[Row], pa.Table]]:
-    """Stream the planned shards: each with its valid rows and their carried columns (in row order)."""
+) -> Iterator[tuple[Shard, list[Row], pa.Table, np.ndarray]]:
+    """Stream the planned shards: each with its rows, their carried columns and their keys, in table order.
+
+    Cuts the rows not yet done exactly as `plan_prompt_table` counted them.
+    """
     pf = open_prompt_table(plan.url, storage_options)
-    shards = {s.start: s for s in plan.shards}
-    for start, chunk in iter_row_chunks(pf, plan.rows_per_shard):
-        shard = shards.get(start)
-        if shard is None:
+    shards = iter(plan.shards)
+    pending: list[tuple[list[Row], pa.Table, np.ndarray]] = []
+    buffered = 0
+
+    def flush(n: int):
+        nonlocal pending, buffered
+        rows = [r for part in pending for r in part[0]]
+        carried = pa.concat_tables([part[1] for part in pending])
+        keys = np.concatenate([part[2] for part in pending])
+        head = (next(shards), rows[:n], carried.slice(0, n), keys[:n])
+        rest = (rows[n:], carried.slice(n), keys[n:])
+        pending, buffered = ([rest] if rest[0] else []), len(rest[0])
+        return head
+
+    chunk_rows = min(plan.rows_per_shard, SCAN_ROWS)
+    for start, chunk, rows, keys, _ in _resolved_chunks(pf, None, defaults, size_multiple, plan.identity, chunk_rows):
+        todo = _positions_in(plan.done_keys, keys) < 0
+        rows = [r for r, t in zip(rows, todo) if t]
+        if not rows:
             continue
-        rows, _ = resolve_rows(chunk, start, defaults, size_multiple)
         carried = chunk.select(list(plan.carried_columns)).take([r.position - start for r in rows])
-        yield shard, rows, carried
+        pending.append((rows, carried, keys[todo]))
+        buffered += len(rows)
+        while buffered >= plan.rows_per_shard:
+            yield flush(plan.rows_per_shard)
+    if buffered:
+        yield flush(buffered)
 
 
 def make_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:

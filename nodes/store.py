@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import uuid
 
 import fsspec
@@ -23,6 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from nodes.errors import StorageError
+from nodes.faults import crash_point
 from nodes.params import Row
 
 ROW_GROUP_ROWS = 64  # rows per Parquet row group: a few MB of 512px PNGs, what `datasets` streams by
@@ -128,15 +130,20 @@ def shard_table(rows: list[Row], pngs: dict[int, bytes], carried: pa.Table, sche
 
 
 def open_output(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and root path of an output location; refuses one that already holds a dataset.
+    """The filesystem and root path of an output location: new, or an sdflow dataset to resume or extend.
 
-    Creates nothing: folders appear with the first shard, so a run that fails early leaves no trace.
+    Refuses a location whose data/ holds files of other origins. Creates nothing: folders appear with the
+    first shard, so a run that fails early leaves no trace.
     """
     try:
         fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         root = root.rstrip("/")
-        if fs.exists(f"{root}/manifest.json") or (fs.exists(f"{root}/data") and fs.ls(f"{root}/data")):
-            raise StorageError(f"output {url} already holds a dataset; write to a new location.")
+        foreign = foreign_files(fs, root)
+        if foreign:
+            raise StorageError(
+                f"output {url} has files in data/ that sdflow did not write ({', '.join(foreign[:5])}); "
+                "choose another location: sdflow deletes unlisted shard files in its own outputs."
+            )
         if hasattr(fs, "split_path"):  # bucket stores (s3fs, gcsfs, adlfs): a missing bucket shows only at a write
             bucket = fs.split_path(root)[0]
             if not fs.exists(bucket):
@@ -152,7 +159,23 @@ def open_output(url: str, storage_options: dict | None = None) -> tuple[fsspec.A
     return fs, root
 
 
-def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+SHARD_FILE = re.compile(r"part-(\d{5,})\.parquet")
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def foreign_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """Files in OUT/data that sdflow did not write."""
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root}/data", detail=False)]
+    except FileNotFoundError:
+        return []
+    return [n for n in names if not SHARD_FILE.fullmatch(n) and not is_temporary(n)]
+
+
+def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes, crash: str | None = None) -> None:
     """Write a whole file so that readers never see part of it.
 
     Locally: a hidden temporary file in the same folder, fsynced, then renamed over `path`. On object
@@ -166,8 +189,12 @@ def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if crash:
+            crash_point(crash)
         os.replace(temporary, path)
     else:
+        if crash:
+            crash_point(crash)
         try:
             fs.pipe_file(path, data)
         except OSError as e:  # missing bucket, permission denied, a store error: name the file
@@ -178,33 +205,8 @@ def shard_path(root: str, index: int) -> str:
     return f"{root}/data/part-{index:05d}.parquet"
 
 
-def write_shard(fs: fsspec.AbstractFileSystem, root: str, index: int, table: pa.Table) -> dict:
-    """Write one shard's Parquet file; returns its manifest entry."""
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, row_group_size=ROW_GROUP_ROWS)
-    path = shard_path(root, index)
-    write_file(fs, path, buffer.getvalue())
-    return {"file": f"data/{os.path.basename(path)}", "rows": table.num_rows, "bytes": buffer.tell()}
-
-
 def write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> None:
-    write_file(fs, f"{root}/manifest.json", (json.dumps(manifest, indent=2, default=str) + "\n").encode())
-
-
-def encode_and_write_shard(
-    fs: fsspec.AbstractFileSystem,
-    root: str,
-    index: int,
-    rows: list[Row],
-    pngs: list[dict[int, bytes]],
-    carried: pa.Table,
-    scheduler: str,
-    model: str,
-) -> dict:
-    """Assemble a shard from its batches' PNGs and write it."""
-    merged = {position: data for batch in pngs for position, data in batch.items()}
-    return write_shard(fs, root, index, shard_table(rows, merged, carried, scheduler, model))
+    write_file(fs, f"{root}/manifest.json", (json.dumps(manifest, indent=2, default=str) + "\n").encode(), "manifest")
 
 
 encode_pngs_task = task(encode_pngs, name="encode-pngs", cache_policy=NO_CACHE, persist_result=False)
-write_shard_task = task(encode_and_write_shard, name="write-shard", cache_policy=NO_CACHE, persist_result=False)

@@ -132,7 +132,9 @@ def test_manifest_records_run_shards_and_versions(dataset):
     out, manifest, _ = dataset
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk == json.loads(json.dumps(manifest, default=str))
-    assert on_disk["rows"] == {"table": 7, "generated": 7, "invalid": 0}
+    assert on_disk["rows"] == {
+        "table": 7, "in_dataset": 7, "generated": 7, "already_done": 0, "invalid": 0, "failed": 0, "stale": 0
+    }
     assert [s["file"] for s in on_disk["shards"]] == ["data/part-00000.parquet", "data/part-00001.parquet", "data/part-00002.parquet"]
     assert sorted(p.name for p in (out / "data").iterdir()) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert on_disk["resolved"]["device"] == "cpu" and on_disk["resolved"]["dtype"] == "float32"
@@ -141,16 +143,19 @@ def test_manifest_records_run_shards_and_versions(dataset):
     assert on_disk["timings"]["images_per_second"] > 0
 
 
-def test_an_output_that_holds_a_dataset_is_refused(dataset, tiny_model):
-    out, _, prompts = dataset
-    with pytest.raises(StorageError, match="already holds a dataset"):
-        generate_dataset(prompts=prompts, out=str(out), model=tiny_model)
+def test_an_output_with_files_of_other_origins_is_refused(prefect_api, tiny_model, tmp_path):
+    (tmp_path / "out" / "data").mkdir(parents=True)
+    (tmp_path / "out" / "data" / "notes.csv").write_text("mine")
+    prompts = write_table(tmp_path / "p.parquet", [{"prompt": "a cat"}])
+    with pytest.raises(StorageError, match=r"files in data/ that sdflow did not write \(notes.csv\)"):
+        generate_dataset(prompts=prompts, out=str(tmp_path / "out"), model=tiny_model)
+    assert (tmp_path / "out" / "data" / "notes.csv").read_text() == "mine"
 
 
 def test_skip_invalid_lists_rows_in_manifest(prefect_api, tiny_model, tmp_path):
     rows = [{"id": 1, "prompt": "a cat", "steps": None}, {"id": 2, "prompt": None, "steps": None}, {"id": 3, "prompt": "a dog", "steps": 0}]
     prompts = write_table(tmp_path / "p.parquet", rows)
     manifest = generate_dataset(prompts=prompts, out=str(tmp_path / "out"), model=tiny_model, skip_invalid=True)
-    assert manifest["rows"] == {"table": 3, "generated": 1, "invalid": 2}
+    assert (manifest["rows"]["generated"], manifest["rows"]["invalid"]) == (1, 2)
     assert [(r["id"], r["problem"].split()[0]) for r in manifest["invalid_rows"]] == [(2, "prompt"), (3, "steps")]
     assert pq.read_table(tmp_path / "out" / "data").column("id").to_pylist() == [1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,6 +15,7 @@ from nodes.ingest import (
     make_batches,
     plan_prompt_table,
     resolve_defaults,
+    row_key,
 )
 from nodes.models import inspect_model
 from nodes.params import GenerationDefaults, Row
@@ -28,7 +30,7 @@ def plan(path, **kwargs):
 
 
 def all_rows(p, defaults=DEFAULTS):
-    return [row for _, rows, _ in iter_shard_rows(p, defaults, 8) for row in rows]
+    return [row for _, rows, _, _ in iter_shard_rows(p, defaults, 8) for row in rows]
 
 
 def test_missing_prompt_column_names_the_columns_found(tmp_path):
@@ -69,7 +71,7 @@ def test_skip_invalid_records_rows_and_keeps_the_rest(tmp_path):
     rows = [{"prompt": "ok", "steps": 3}, {"prompt": None, "steps": 3}, {"prompt": "ok", "steps": 0}]
     p = plan(write_table(tmp_path / "t.parquet", rows), skip_invalid=True)
     assert p.invalid == {1: (1, "prompt must be a non-empty string"), 2: (2, "steps must be a whole number from 1 to 1000")}
-    assert p.valid_rows == 1
+    assert p.rows_to_generate == 1
     assert [r.position for r in all_rows(p)] == [0]
 
 
@@ -118,10 +120,10 @@ def test_ids_default_to_positions_and_columns_are_carried(tmp_path):
     p = plan(write_table(tmp_path / "t.parquet", rows))
     assert p.carried_columns == ("meta", "tags")
     shards = list(iter_shard_rows(p, DEFAULTS, 8))
-    assert [(s.start, s.stop) for s, _, _ in shards] == [(0, 4), (4, 8), (8, 10)]
-    ids = [r.id for _, rows, _ in shards for r in rows]
+    assert [(s.index, s.rows, len(rows)) for s, rows, _, _ in shards] == [(0, 4, 4), (1, 4, 4), (2, 2, 2)]
+    ids = [r.id for _, rows, _, _ in shards for r in rows]
     assert ids == list(range(10))
-    assert [v for _, _, carried in shards for v in carried.column("meta").to_pylist()] == [i * 10 for i in range(10)]
+    assert [v for _, _, carried, _ in shards for v in carried.column("meta").to_pylist()] == [i * 10 for i in range(10)]
 
 
 def test_streaming_chunks_are_exact_across_row_groups(tmp_path):
@@ -147,3 +149,36 @@ def test_defaults_come_from_the_model_and_options_are_checked(tiny_model):
     assert resolve_defaults(info, 9, 3.0, 32, 96, "ugly", 1).width == 32
     with pytest.raises(PromptTableError, match=r"--width 60 is out of range: a multiple of 8"):
         resolve_defaults(info, None, None, 60, None, None, 0)
+
+
+def test_done_rows_are_skipped_and_the_rest_cut_into_new_shards(tmp_path):
+    rows = [{"id": i, "prompt": f"p{i}"} for i in range(10)]
+    path = write_table(tmp_path / "t.parquet", rows)
+    first = plan(path, identity=("euler", "m1"))
+    keys = np.concatenate([k for _, _, _, k in iter_shard_rows(first, DEFAULTS, 8)])
+    assert len(set(keys.tolist())) == 10
+    done = keys[[0, 1, 2, 5, 9]]
+    again = plan(path, identity=("euler", "m1"), done_keys=done, first_shard=7)
+    assert (again.already_done, again.stale, again.rows_to_generate) == (5, 0, 5)
+    shards = list(iter_shard_rows(again, DEFAULTS, 8))
+    assert [(s.index, [r.id for r in rs]) for s, rs, _, _ in shards] == [(7, [3, 4, 6, 7]), (8, [8])]
+    # Another scheduler or model makes other rows: nothing is done, and the old keys are stale.
+    other = plan(path, identity=("ddim", "m1"), done_keys=done)
+    assert (other.already_done, other.stale, other.rows_to_generate) == (0, 5, 10)
+
+
+def test_row_key_covers_every_generation_parameter():
+    base = Row(0, "a", "p", "n", 1, 20, 7.5, 64, 64)
+    variants = [
+        Row(0, "b", "p", "n", 1, 20, 7.5, 64, 64),
+        Row(0, "a", "q", "n", 1, 20, 7.5, 64, 64),
+        Row(0, "a", "p", "m", 1, 20, 7.5, 64, 64),
+        Row(0, "a", "p", "n", 2, 20, 7.5, 64, 64),
+        Row(0, "a", "p", "n", 1, 21, 7.5, 64, 64),
+        Row(0, "a", "p", "n", 1, 20, 7.0, 64, 64),
+        Row(0, "a", "p", "n", 1, 20, 7.5, 72, 64),
+        Row(0, "a", "p", "n", 1, 20, 7.5, 64, 72),
+    ]
+    keys = {row_key(r, "euler", "m") for r in variants} | {row_key(base, "ddim", "m"), row_key(base, "euler", "m2")}
+    assert row_key(base, "euler", "m") not in keys and len(keys) == 10
+    assert row_key(Row(5, "a", "p", "n", 1, 20, 7.5, 64, 64), "euler", "m") == row_key(base, "euler", "m")

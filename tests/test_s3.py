@@ -176,13 +176,13 @@ def test_s3_input_and_output_match_a_local_run(s3, s3_prompts, local_reference, 
     assert manifest["shards"] == returned["shards"]
     assert [s["file"] for s in manifest["shards"]] == ["data/part-00000.parquet", "data/part-00001.parquet"]
     assert [s["rows"] for s in manifest["shards"]] == [SHARD_SIZE, SHARD_SIZE]
-    # Exactly the shards and the manifest: no temporary or stray objects beside them.
+    # Exactly the shards, their markers and the manifest: no temporary or stray objects beside them.
     assert sorted(s3.find(f"{BUCKET}/out")) == sorted(
-        [f"{BUCKET}/out/manifest.json"] + [f"{BUCKET}/out/{s['file']}" for s in manifest["shards"]]
+        [f"{BUCKET}/out/manifest.json"]
+        + [f"{BUCKET}/out/{s['file']}" for s in manifest["shards"]]
+        + [f"{BUCKET}/out/_shards/{s['shard']:05d}.json" for s in manifest["shards"]]
     )
-    for entry in manifest["shards"]:
-        assert s3.size(f"{BUCKET}/out/{entry['file']}") == entry["bytes"]
-    assert manifest["rows"] == {"table": len(ROWS), "generated": len(ROWS), "invalid": 0}
+    assert (manifest["rows"]["in_dataset"], manifest["rows"]["generated"]) == (len(ROWS), len(ROWS))
     assert manifest["parameters"]["prompts"] == s3_prompts and manifest["parameters"]["out"] == out
 
     # Every row, in table order, with its carried column and a PNG of its own size.
@@ -271,13 +271,14 @@ def test_missing_model_on_s3_names_the_url(s3, prefect_api, s3_small_prompts, tm
     assert not list((tmp_path / "cache").rglob(".complete"))  # no half-made copy marked as complete
 
 
-def test_output_that_already_holds_a_dataset_on_s3_is_refused(s3, s3_small_prompts, prefect_api, tiny_model):
+def test_output_with_files_of_other_origins_on_s3_is_refused(s3, s3_small_prompts, prefect_api, tiny_model):
     from flows.generate import generate_dataset
 
-    s3.pipe_file(f"{BUCKET}/taken/manifest.json", b"{}")
-    with pytest.raises(StorageError, match=re.escape(f"s3://{BUCKET}/taken")):
+    s3.pipe_file(f"{BUCKET}/taken/data/theirs.parquet", b"{}")
+    with pytest.raises(StorageError, match=re.escape(f"s3://{BUCKET}/taken") + ".*theirs.parquet"):
         generate_dataset(prompts=s3_small_prompts, out=f"s3://{BUCKET}/taken", model=tiny_model)
-    assert s3.cat_file(f"{BUCKET}/taken/manifest.json") == b"{}"  # untouched
+    assert s3.ls(f"{BUCKET}/taken", detail=False) == [f"{BUCKET}/taken/data"]  # untouched
+    assert s3.cat_file(f"{BUCKET}/taken/data/theirs.parquet") == b"{}"
 
 
 def test_output_to_a_missing_bucket_is_a_storage_error(s3, s3_small_prompts, prefect_api, tiny_model):
