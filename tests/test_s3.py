@@ -327,3 +327,50 @@ def test_cli_error_keeps_a_long_s3_url_whole(s3, s3_env, prefect_api, tiny_model
     err = capsys.readouterr().err
     assert code == EXIT_INPUT, err
     assert missing in " ".join(err.split()), err  # whole, as the user typed it (line breaks only between words)
+
+
+from tests.test_resume import ROWS as RESUME_ROWS, reference, run_cli  # noqa: E402,F401  (fixture reused)
+
+
+@pytest.mark.parametrize("crash", ["denoise-step:6", "before-marker:2", "manifest"])
+def test_sigkill_then_rerun_on_s3(s3, s3_env, prefect_api, tiny_model, reference, tmp_path, crash):
+    """The commit protocol against a real S3 endpoint: kill, rerun, every row once, nothing stray or unfinished."""
+    _, want = reference
+    prompts = upload_table(s3, tmp_path, RESUME_ROWS, "resume.parquet")
+    out = f"s3://{BUCKET}/resume"
+    killed = run_cli(prefect_api, tiny_model, prompts, out, crash)
+    assert killed.returncode == -9, killed.stderr
+    s3.invalidate_cache()
+    markers = s3.glob(f"{BUCKET}/resume/_shards/*.json")
+    committed_rows = sum(json.loads(s3.cat_file(p))["rows"] for p in markers)
+
+    resumed = run_cli(prefect_api, tiny_model, prompts, out)
+    assert resumed.returncode == 0, resumed.stderr
+    s3.invalidate_cache()
+    manifest = json.loads(s3.cat_file(f"{BUCKET}/resume/manifest.json"))
+    assert manifest["rows"]["generated"] == len(RESUME_ROWS) - committed_rows
+    assert sorted(s3.find(f"{BUCKET}/resume")) == sorted(
+        [f"{BUCKET}/resume/manifest.json"]
+        + [f"{BUCKET}/resume/{s['file']}" for s in manifest["shards"]]
+        + [f"{BUCKET}/resume/_shards/{s['shard']:05d}.json" for s in manifest["shards"]]
+    )
+    assert s3.list_multipart_uploads(BUCKET) == []
+    _, tables = read_s3_dataset(s3, f"{BUCKET}/resume")
+    got = images_by_id(tables)
+    assert sorted(got) == sorted(want)  # every row exactly once
+    for row_id, pixels in want.items():
+        assert np.abs(got[row_id].astype(int) - pixels.astype(int)).max() <= 1, row_id
+
+
+def test_unfinished_uploads_under_the_output_are_aborted(s3):
+    from nodes.commit import clean_uncommitted
+
+    def start_upload(key: str) -> None:
+        upload = s3.call_s3("create_multipart_upload", Bucket=BUCKET, Key=key)
+        s3.call_s3("upload_part", Bucket=BUCKET, Key=key, PartNumber=1, UploadId=upload["UploadId"], Body=b"x" * 1024)
+
+    start_upload("out/data/part-00003.parquet")  # what a process killed mid-upload leaves
+    start_upload("elsewhere/big.bin")  # not ours: left alone
+    removed = clean_uncommitted(s3, f"{BUCKET}/out", set())
+    assert removed == [f"{BUCKET}/out/data/part-00003.parquet (unfinished upload)"]
+    assert [u["Key"] for u in s3.list_multipart_uploads(BUCKET)] == ["elsewhere/big.bin"]
