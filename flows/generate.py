@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
@@ -10,6 +11,7 @@ from collections import deque
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 
+import torch
 from prefect import flow
 from tqdm.auto import tqdm
 
@@ -21,8 +23,10 @@ from nodes.commit import Committed, clean_uncommitted, read_committed, write_sha
 from nodes.ingest import PromptPlan, iter_shard_rows, make_batches, plan_prompt_table_task, resolve_defaults
 from nodes.latents import make_generators, prepare_latents_task
 from nodes.models import ModelInfo, inspect_model, load_components_task, resolve_device, resolve_dtype
-from nodes.params import GenerationDefaults
+from nodes.params import GenerationDefaults, Row
 from nodes.store import encode_pngs_task, open_output, write_manifest
+
+log = logging.getLogger("sdflow")
 
 STORAGE_OPTIONS_ENV = "SDFLOW_STORAGE_OPTIONS"  # JSON fsspec options; kept out of flow parameters (secrets)
 
@@ -182,6 +186,44 @@ def generate_dataset(
     return manifest
 
 
+def generate_batch(components, scheduler: str | None, rows: list[Row], failed: dict[int, str]):
+    """Run one batch through the stages; yields (rows, images) for the rows that came out.
+
+    Out of memory halves the batch and tries again, down to one row. Any other error (after the tasks' own
+    retries) isolates the rows: each is tried alone, and a row that still fails is recorded in `failed`
+    (position -> error) and left out, so the rest of the run goes on. Input errors stop the run.
+    """
+    try:
+        sched = make_scheduler(scheduler, components.info.scheduler_config, rows[0].steps, components.device)
+        generators = make_generators(rows)
+        embeds = encode_prompts_task(components, rows)
+        latents = prepare_latents_task(components, rows, generators, sched.init_noise_sigma)
+        latents = denoise_task(components, sched, latents, embeds, rows, generators)
+        decoded = decode_latents_task(components, latents)
+    except SdflowError:
+        raise
+    except Exception as e:
+        if len(rows) == 1:
+            failed[rows[0].position] = f"{type(e).__name__}: {e}"
+            log.warning("row %r failed: %s", rows[0].id, failed[rows[0].position])
+            return
+        if isinstance(e, torch.OutOfMemoryError):
+            half = len(rows) // 2
+            log.warning("out of memory at batch size %d; trying %d and %d", len(rows), half, len(rows) - half)
+            parts = [rows[:half], rows[half:]]
+        else:
+            parts = [[r] for r in rows]
+        for part in parts:
+            yield from generate_batch(components, scheduler, part, failed)
+        return
+    for i in decoded.non_finite:
+        failed[rows[i].position] = "non-finite values after VAE decode, also in float32"
+        log.warning("row %r failed: %s", rows[i].id, failed[rows[i].position])
+    keep = [i for i in range(len(rows)) if i not in decoded.non_finite]
+    if keep:
+        yield [rows[i] for i in keep], decoded.images[keep]
+
+
 def generate_shards(components, plan, defaults, sampler, scheduler, batch_size, batches_in_flight, fs, root, progress, storage_options) -> list[dict]:
     """Generate and commit the planned shards; returns the markers this run wrote.
 
@@ -197,20 +239,23 @@ def generate_shards(components, plan, defaults, sampler, scheduler, batch_size, 
     written = []
     for shard, rows, carried, keys in iter_shard_rows(plan, defaults, info.size_multiple, storage_options):
         shard_pngs = []
+        failed: dict[int, str] = {}
         for batch in make_batches(rows, batch_size):
-            sched = make_scheduler(scheduler, info.scheduler_config, batch[0].steps, components.device)
-            generators = make_generators(batch)
-            embeds = encode_prompts_task(components, batch)
-            latents = prepare_latents_task(components, batch, generators, sched.init_noise_sigma)
-            latents = denoise_task(components, sched, latents, embeds, batch, generators)
-            images = decode_latents_task(components, latents)
-            while len(encoding) >= batches_in_flight:
-                encoding.popleft().wait()
-            encoding.append(encode_pngs_task.submit(images, batch, sampler, info.ref, release))
-            shard_pngs.append(encoding[-1])
+            for done, images in generate_batch(components, scheduler, batch, failed):
+                while len(encoding) >= batches_in_flight:
+                    encoding.popleft().wait()
+                encoding.append(encode_pngs_task.submit(images, done, sampler, info.ref, release))
+                shard_pngs.append(encoding[-1])
             bar.update(len(batch))
+        failures = [
+            {"key": f"{int(k):016x}", "id": r.id, "position": r.position, "error": failed[r.position]}
+            for r, k in zip(rows, keys)
+            if r.position in failed
+        ]
         writing.append(
-            write_shard_task.submit(fs, root, shard.index, rows, keys, shard_pngs, carried, sampler, info.ref, dict(extra))
+            write_shard_task.submit(
+                fs, root, shard.index, rows, keys, shard_pngs, carried, sampler, info.ref, failures, extra
+            )
         )
         while len(writing) > 1:
             written.append(writing.popleft().result())

@@ -29,7 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from nodes.errors import SdflowError, StorageError
+from nodes.errors import TASK_RETRIES, StorageError
 from nodes.faults import crash_point
 from nodes.params import Row
 from nodes.store import ROW_GROUP_ROWS, SHARD_FILE, is_temporary, shard_path, shard_table, write_file
@@ -176,31 +176,19 @@ def write_shard(
     carried: pa.Table,
     scheduler: str,
     model: str,
+    failed: list[dict],
     extra: dict,
 ) -> dict:
-    """Assemble a shard from its batches' PNGs (rows without one are left out) and commit it; returns its marker."""
+    """Assemble a shard from its batches' PNGs (failed rows have none and are left out) and commit it.
+
+    Returns its marker, with `outcome` "committed" or "already committed".
+    """
     merged = {position: data for batch in pngs for position, data in batch.items()}
     keep = [i for i, r in enumerate(rows) if r.position in merged]
     table = shard_table([rows[i] for i in keep], merged, carried.take(keep), scheduler, model)
-    marker = shard_marker(index, table, keys[keep], extra.pop("failed", []), extra)
+    marker = shard_marker(index, table, keys[keep], failed, extra)
     marker["outcome"] = commit_shard(fs, root, table, marker)
     return marker
 
 
-write_shard_task = task(
-    write_shard,
-    name="write-shard",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=3,
-    retry_delay_seconds=[1, 5, 20],
-    retry_condition_fn=lambda task, task_run, state: not isinstance(state_exception(state), SdflowError),
-)
-
-
-def state_exception(state):
-    try:
-        state.result()
-    except BaseException as e:  # the exception the task raised
-        return e
-    return None
+write_shard_task = task(write_shard, name="write-shard", cache_policy=NO_CACHE, persist_result=False, **TASK_RETRIES)

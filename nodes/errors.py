@@ -23,3 +23,23 @@ def name_ids(ids, limit: int = 10) -> str:
     shown = ", ".join(repr(i) if isinstance(i, str) else str(i) for i in ids[:limit])
     more = len(ids) - limit
     return f"{shown} (and {more} more)" if more > 0 else shown
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry what may pass next time, not input errors or out-of-memory (split instead)."""
+    import torch
+
+    try:
+        state.result()
+    except SdflowError:
+        return False
+    except torch.OutOfMemoryError:
+        return False
+    except BaseException:
+        return True
+    return False
+
+
+# Retries for I/O tasks: a bounded number of tries, for transient faults only. The generation stages do not
+# retry on their own: their per-row generators advance as they run, so a batch is retried whole from its seeds.
+TASK_RETRIES = {"retries": 2, "retry_delay_seconds": [1, 10], "retry_condition_fn": retry_transient}

@@ -44,7 +44,7 @@ def generate(components, rows: list[Row], scheduler: str | None) -> np.ndarray:
     generators = make_generators(rows)
     latents = prepare_latents(components, rows, generators, sched.init_noise_sigma)
     latents = denoise(components, sched, latents, encode_prompts(components, rows), rows, generators)
-    return decode_latents(components, latents).numpy()
+    return decode_latents(components, latents).images.numpy()
 
 
 def diffusers_image(pipe, row: Row, scheduler: str | None) -> np.ndarray:

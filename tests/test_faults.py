@@ -1,0 +1,118 @@
+"""Faults: out-of-memory halves the batch, a failing row is recorded and the rest goes on, half-precision overflow."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import flows.generate
+from flows.generate import generate_dataset
+from nodes.decode import decode_latents
+from nodes.models import inspect_model, load_components
+from nodes.params import Row
+from tests.conftest import write_table
+from tests.test_parity import generate, max_level_difference
+from tests.test_resume import images_by_id
+
+ROWS = [{"id": i, "prompt": f"a blue circle {i}", "seed": 100 + i} for i in range(5)]
+
+
+@pytest.fixture
+def own_model(tiny_model, tmp_path):
+    """A copy of the tiny model under its own path, so its loaded modules can be patched without touching others'."""
+    path = tmp_path / "model"
+    shutil.copytree(tiny_model, path)
+    return str(path)
+
+
+def expected_images(model: str) -> dict[int, np.ndarray]:
+    components = load_components(inspect_model(model), torch.device("cpu"), torch.float32)
+    rows = [Row(r["id"], r["id"], r["prompt"], "", r["seed"], 4, 7.5, 64, 64) for r in ROWS]
+    return {r.id: generate(components, [r], None)[0] for r in rows}
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(prefect_api, own_model, tmp_path, caplog):
+    components = load_components(inspect_model(own_model), torch.device("cpu"), torch.float32)
+    forward = components.unet.forward
+    sizes = []
+
+    def small_memory(sample, *args, **kwargs):
+        sizes.append(sample.shape[0])
+        if sample.shape[0] > 4:  # more than 2 rows under classifier-free guidance
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(sample, *args, **kwargs)
+
+    components.unet.forward = small_memory
+    try:
+        with caplog.at_level(logging.WARNING, logger="sdflow"):
+            manifest = generate_dataset(
+                prompts=write_table(tmp_path / "p.parquet", ROWS), out=str(tmp_path / "out"), model=own_model, batch_size=5
+            )
+    finally:
+        components.unet.forward = forward
+    assert manifest["rows"]["generated"] == 5 and manifest["rows"]["failed"] == 0
+    assert "out of memory at batch size 5; trying 2 and 3" in caplog.text
+    assert "out of memory at batch size 3; trying 1 and 2" in caplog.text
+    assert max(s for s in sizes if s <= 4) == 4
+    got, want = images_by_id(tmp_path / "out"), expected_images(own_model)
+    assert all(max_level_difference(got[i], want[i]) <= 1 for i in want)
+
+
+def test_a_row_that_always_fails_is_recorded_and_the_rest_goes_on(prefect_api, own_model, tmp_path, monkeypatch):
+    real = flows.generate.make_generators
+
+    def poisoned(rows):
+        if any("poison" in r.prompt for r in rows):
+            raise ValueError("this row cannot be generated")
+        return real(rows)
+
+    monkeypatch.setattr(flows.generate, "make_generators", poisoned)
+    rows = ROWS[:2] + [{"id": 99, "prompt": "poison", "seed": 1}] + ROWS[2:]
+    prompts = write_table(tmp_path / "p.parquet", rows)
+    out = tmp_path / "out"
+    manifest = generate_dataset(prompts=prompts, out=str(out), model=own_model, batch_size=3)
+    assert (manifest["rows"]["generated"], manifest["rows"]["failed"]) == (5, 1)
+    [failure] = manifest["failed_rows"]
+    assert (failure["id"], failure["error"]) == (99, "ValueError: this row cannot be generated")
+    assert sorted(pq.read_table(out / "data").column("id").to_pylist()) == [0, 1, 2, 3, 4]
+    marker = json.loads((out / "_shards" / "00000.json").read_text())
+    assert [f["id"] for f in marker["failed"]] == [99]
+
+    # Once the fault is gone, a rerun generates exactly the failed row.
+    monkeypatch.setattr(flows.generate, "make_generators", real)
+    again = generate_dataset(prompts=prompts, out=str(out), model=own_model, batch_size=3)
+    assert (again["rows"]["generated"], again["rows"]["failed"], again["rows"]["in_dataset"]) == (1, 0, 6)
+    assert again["failed_rows"] == []
+
+
+@torch.inference_mode()
+def test_half_precision_overflow_is_decoded_again_in_float32(tiny_model, tmp_path):
+    model = tmp_path / "loud-vae"
+    shutil.copytree(tiny_model, model)
+    components = load_components(inspect_model(str(model)), torch.device("cpu"), torch.float16)
+    # Activations beyond float16's 65504 inside the decoder, as the SD VAE produces on some latents.
+    components.vae.decoder.conv_out.weight.mul_(200_000)
+    latents = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0)).half()
+    assert not torch.isfinite(components.vae.decode(latents / components.vae.config.scaling_factor).sample).all()
+    decoded = decode_latents(components, latents)
+    assert decoded.non_finite == []
+    reference = components.vae.float().decode(latents.float() / components.vae.config.scaling_factor).sample
+    components.vae.half()
+    want = ((reference / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert max_level_difference(decoded.images.numpy(), want.numpy()) <= 1
+
+
+@torch.inference_mode()
+def test_latents_that_stay_non_finite_are_reported(tiny_model):
+    components = load_components(inspect_model(tiny_model), torch.device("cpu"), torch.float32)
+    latents = torch.randn(3, 4, 32, 32)
+    latents[1, 0, 0, 0] = float("nan")
+    decoded = decode_latents(components, latents)
+    assert decoded.non_finite == [1]
+    assert decoded.images.shape == (3, 64, 64, 3)
