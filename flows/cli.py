@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA, float32 on CPU")
     gen.add_argument("--skip-invalid", action="store_true", help="leave invalid rows out (listed in the manifest) instead of stopping")
+    gen.add_argument("--allow-pickle", action="store_true", help="also load pickle checkpoints (.bin); they can run code")
     gen.add_argument("--storage-options", help="JSON fsspec storage options (credentials, endpoint); never logged")
     return parser
 
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             dtype=args.dtype,
             skip_invalid=args.skip_invalid,
+            allow_pickle=args.allow_pickle,
             progress=sys.stderr.isatty() or args.verbose,
         )
     except SdflowError as e:

@@ -125,6 +125,7 @@ def generate_dataset(
     skip_invalid: bool = False,
     shard_size: int = 256,
     batches_in_flight: int = 2,
+    allow_pickle: bool = False,
     progress: bool = False,
 ) -> dict:
     """Generate one image per row of the Parquet table `prompts` into the dataset at `out`; returns the manifest.
@@ -162,7 +163,7 @@ def generate_dataset(
     load_seconds = 0.0
     generation_started = time.time()
     if plan.shards:
-        components = load_components_task(info, torch_device, torch_dtype)
+        components = load_components_task(info, torch_device, torch_dtype, allow_pickle)
         load_seconds = components.load_seconds
         generation_started = time.time()
         written = generate_shards(components, plan, defaults, sampler, scheduler, batch_size, batches_in_flight, fs, root, progress, storage_options)

@@ -178,8 +178,14 @@ _loaded: dict[tuple[str, str, torch.dtype], Components] = {}
 _load_lock = threading.Lock()
 
 
-def load_components(info: ModelInfo, device: torch.device, dtype: torch.dtype) -> Components:
-    """Load (once per process) the tokenizer, text encoder, U-Net and VAE from safetensors, in eval mode."""
+def load_components(
+    info: ModelInfo, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False
+) -> Components:
+    """Load (once per process) the tokenizer, text encoder, U-Net and VAE, in eval mode.
+
+    Weights load from safetensors only: pickle checkpoints (.bin, .ckpt) can run code when loaded, so they
+    are refused unless `allow_pickle`, and then with a warning.
+    """
     key = (info.source, str(device), dtype)
     with _load_lock:
         if key in _loaded:
@@ -188,14 +194,19 @@ def load_components(info: ModelInfo, device: torch.device, dtype: torch.dtype) -
         from transformers import CLIPTextModel, CLIPTokenizer
 
         started = time.perf_counter()
-        kwargs = {"use_safetensors": True}
+        kwargs = {"use_safetensors": None if allow_pickle else True}
+        if allow_pickle:
+            log.warning("model %s: pickle checkpoints allowed; loading one runs whatever code it holds", info.ref)
         try:
             tokenizer = CLIPTokenizer.from_pretrained(info.source, subfolder="tokenizer")
             text_encoder = CLIPTextModel.from_pretrained(info.source, subfolder="text_encoder", dtype=dtype, **kwargs)
             unet = UNet2DConditionModel.from_pretrained(info.source, subfolder="unet", torch_dtype=dtype, **kwargs)
             vae = AutoencoderKL.from_pretrained(info.source, subfolder="vae", torch_dtype=dtype, **kwargs)
         except (OSError, ValueError) as e:
-            raise ModelError(f"model {info.ref} cannot be loaded: {e}") from None
+            hint = ""
+            if not allow_pickle and "safetensors" in str(e).lower():
+                hint = " Its weights are not in safetensors; pass --allow-pickle to load pickle checkpoints (they can run code)."
+            raise ModelError(f"model {info.ref} cannot be loaded: {e}{hint}") from None
         modules = [m.to(device).eval().requires_grad_(False) for m in (text_encoder, unet, vae)]
         components = Components(info, tokenizer, *modules, device, dtype, time.perf_counter() - started)
         _loaded[key] = components

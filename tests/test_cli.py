@@ -133,3 +133,29 @@ def test_command_in_a_fresh_process(prefect_api, tiny_model, tmp_path):
     assert failed.returncode == 2
     assert failed.stderr.startswith("sdflow: error: prompt table") and "Traceback" not in failed.stderr
     assert failed.stdout == ""
+
+
+def test_pickle_checkpoints_need_an_explicit_opt_in(prefect_api, tiny_model, tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_model, model)
+    UNet2DConditionModel.from_pretrained(model / "unet").save_pretrained(model / "unet", safe_serialization=False)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    table = write_table(tmp_path / "t.parquet", GOOD[:1])
+    code, err = run_cli(capsys, table, tmp_path / "out", "--model", model, "--steps", "1")
+    assert_clean_failure(code, err, tmp_path / "out", "not in safetensors", "--allow-pickle")
+    code, err = run_cli(capsys, table, tmp_path / "out", "--model", model, "--steps", "1", "--allow-pickle")
+    assert code == 0, err
+    assert "pickle checkpoints allowed" in err
+
+
+def test_ids_cannot_steer_where_files_go(prefect_api, tiny_model, tmp_path, capsys):
+    """Ids are values, never parts of a key: hostile ones land in the dataset like any other."""
+    ids = ["../../escape", "/etc/passwd", "..", "a/b\\c", "C:\\x"]
+    table = write_table(tmp_path / "t.parquet", [{"id": i, "prompt": "a cat"} for i in ids])
+    code, err = run_cli(capsys, table, tmp_path / "out", "--model", tiny_model, "--steps", "1")
+    assert code == 0, err
+    assert sorted(pq.read_table(tmp_path / "out" / "data").column("id").to_pylist()) == sorted(ids)
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["out/_shards/00000.json", "out/data/part-00000.parquet", "out/manifest.json", "t.parquet"]

@@ -11,6 +11,8 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
 import re
 from pathlib import Path
 
@@ -374,3 +376,37 @@ def test_unfinished_uploads_under_the_output_are_aborted(s3):
     removed = clean_uncommitted(s3, f"{BUCKET}/out", set())
     assert removed == [f"{BUCKET}/out/data/part-00003.parquet (unfinished upload)"]
     assert [u["Key"] for u in s3.list_multipart_uploads(BUCKET)] == ["elsewhere/big.bin"]
+
+
+def test_credentials_appear_in_no_output_log_or_parameter(s3, s3_env, prefect_api, tiny_model, tmp_path, monkeypatch):
+    """A sentinel secret passed as storage options is searched for everywhere a run leaves a trace."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    sentinel = "SENTINEL-5ecret-d0-not-leak"
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint comes only from the storage options: they must be used
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-this-one")
+    s3fs.S3FileSystem.clear_instance_cache()
+    prompts = upload_table(s3, tmp_path, RESUME_ROWS[:2], "secret.parquet")
+    options = json.dumps({"key": "testing", "secret": sentinel, "client_kwargs": {"endpoint_url": s3_env}})
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_TO_API_ENABLED": "true"}
+    run = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "--verbose", "generate", prompts, f"s3://{BUCKET}/secret-out",
+         "--model", tiny_model, "--steps", "1", "--storage-options", options],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert sentinel not in run.stdout + run.stderr
+    s3.invalidate_cache()
+    objects = s3.find(f"{BUCKET}/secret-out")
+    assert len(objects) == 3  # manifest, one shard, its marker
+    for key in objects:
+        assert sentinel.encode() not in s3.cat_file(key), key
+    with get_client(sync_client=True) as client:
+        [flow_run] = [r for r in client.read_flow_runs() if r.parameters.get("out") == f"s3://{BUCKET}/secret-out"]
+        assert sentinel not in json.dumps(flow_run.model_dump(mode="json"))
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+        assert logs, "the run's logs reached the API"
+        assert all(sentinel not in log.message for log in logs)
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+        assert task_runs and all(sentinel not in json.dumps(t.model_dump(mode="json")) for t in task_runs)
