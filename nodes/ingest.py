@@ -113,12 +113,27 @@ def check_schema(schema: pa.Schema, url: str) -> tuple[str, ...]:
     return carried
 
 
-def iter_row_chunks(pf: pq.ParquetFile, rows: int, columns: list[str] | None = None) -> Iterator[tuple[int, pa.Table]]:
+def _record_batches(pf: pq.ParquetFile, rows: int, columns: list[str] | None, url: str) -> Iterator[pa.RecordBatch]:
+    """The table's record batches; a damaged file becomes an error that names it."""
+    batches = pf.iter_batches(batch_size=rows, columns=columns)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (OSError, pa.ArrowException) as e:
+            raise PromptTableError(f"prompt table {url} cannot be read: it is damaged ({e}).") from None
+        yield batch
+
+
+def iter_row_chunks(
+    pf: pq.ParquetFile, rows: int, columns: list[str] | None = None, url: str = "the prompt table"
+) -> Iterator[tuple[int, pa.Table]]:
     """Stream a table as (first row position, table of exactly `rows` rows; fewer for the last)."""
     pending: list[pa.RecordBatch] = []
     buffered = 0
     start = 0
-    for batch in pf.iter_batches(batch_size=min(rows, SCAN_ROWS), columns=columns):
+    for batch in _record_batches(pf, min(rows, SCAN_ROWS), columns, url):
         pending.append(batch)
         buffered += batch.num_rows
         while buffered >= rows:
@@ -147,6 +162,25 @@ def _integer(value, low: int, high: int) -> int | None:
     return value if low <= value <= high else None
 
 
+def _values(chunk: pa.Table, name: str, start: int) -> list:
+    """A column's values as Python objects; text that is not UTF-8 is an error naming the rows."""
+    try:
+        return chunk.column(name).to_pylist()
+    except UnicodeDecodeError:
+        raw = chunk.column(name).cast(pa.binary()).to_pylist()
+        ids = chunk.column("id").to_pylist() if "id" in chunk.column_names else range(start, start + len(raw))
+        bad = [row_id for row_id, value in zip(ids, raw) if value is not None and not _is_utf8(value)]
+        raise PromptTableError(f"column '{name}' holds text that is not valid UTF-8 in rows with id {name_ids(bad)}.") from None
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def check_size(value, size_multiple: int) -> int | None:
     """A width or height if it is a positive multiple of `size_multiple` up to MAX_SIDE, else None."""
     side = _integer(value, size_multiple, MAX_SIDE)
@@ -161,7 +195,7 @@ def resolve_rows(
     Returns the valid rows and, for each invalid row position, its id and (column, problem).
     """
     n = chunk.num_rows
-    cols = {name: chunk.column(name).to_pylist() for name in CONTROL_COLUMNS if name in chunk.column_names}
+    cols = {name: _values(chunk, name, start) for name in CONTROL_COLUMNS if name in chunk.column_names}
     none = [None] * n
     ids = cols.get("id") or list(range(start, start + n))
     problems = {
@@ -282,10 +316,13 @@ def row_key(row: Row, scheduler: str, model_fingerprint: str) -> int:
     return int.from_bytes(hashlib.blake2b(payload.encode(), digest_size=8).digest(), "big")
 
 
-def _resolved_chunks(pf, columns, defaults, size_multiple, identity, chunk_rows):
-    """(start, chunk, valid rows, their keys as uint64, invalid) for each chunk of the table."""
-    for start, chunk in iter_row_chunks(pf, chunk_rows, columns=columns):
-        rows, invalid = resolve_rows(chunk, start, defaults, size_multiple)
+def _resolved_chunks(pf, url, defaults, size_multiple, identity, chunk_rows):
+    """(start, chunk, valid rows, their keys as uint64, invalid) for each chunk of the table (all columns)."""
+    for start, chunk in iter_row_chunks(pf, chunk_rows, url=url):
+        try:
+            rows, invalid = resolve_rows(chunk, start, defaults, size_multiple)
+        except PromptTableError as e:
+            raise PromptTableError(f"prompt table {url}: {e}") from None
         keys = np.fromiter((row_key(r, *identity) for r in rows), dtype=np.uint64, count=len(rows))
         yield start, chunk, rows, keys, invalid
 
@@ -310,20 +347,24 @@ def plan_prompt_table(
     """
     pf = open_prompt_table(url, storage_options)
     carried = check_schema(pf.schema_arrow, url)
-    control = [c for c in CONTROL_COLUMNS if c in pf.schema_arrow.names]
+    has_ids = "id" in pf.schema_arrow.names
     done = np.sort(done_keys) if done_keys is not None else np.empty(0, np.uint64)
     invalid: dict[int, tuple[int | str, tuple[str, str]]] = {}
     seen_ids: set = set()
     duplicates: list = []
     remaining = already_done = 0
     current_done = np.zeros(len(done), dtype=bool)  # committed keys the table still produces
-    for _, chunk, rows, keys, bad in _resolved_chunks(pf, control, defaults, size_multiple, identity, SCAN_ROWS):
+    # Every column is read (and only the control columns decoded), so a damaged file fails here, before a
+    # weight is loaded or a shard is written, not halfway through generation.
+    for _, chunk, rows, keys, bad in _resolved_chunks(pf, url, defaults, size_multiple, identity, SCAN_ROWS):
         invalid.update(bad)
         found = _positions_in(done, keys)
         current_done[found[found >= 0]] = True
         already_done += int((found >= 0).sum())
         remaining += int((found < 0).sum())
-        for row_id in chunk.column("id").to_pylist() if "id" in control else ():
+        for row_id in chunk.column("id").to_pylist() if has_ids else ():
+            if row_id is None:  # reported as invalid above
+                continue
             if row_id in seen_ids:
                 duplicates.append(row_id)
             seen_ids.add(row_id)
@@ -379,7 +420,7 @@ def iter_shard_rows(
         return head
 
     chunk_rows = min(plan.rows_per_shard, SCAN_ROWS)
-    for start, chunk, rows, keys, _ in _resolved_chunks(pf, None, defaults, size_multiple, plan.identity, chunk_rows):
+    for start, chunk, rows, keys, _ in _resolved_chunks(pf, plan.url, defaults, size_multiple, plan.identity, chunk_rows):
         todo = _positions_in(plan.done_keys, keys) < 0
         rows = [r for r, t in zip(rows, todo) if t]
         if not rows:
