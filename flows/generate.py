@@ -8,6 +8,7 @@ import os
 import platform
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 
@@ -166,7 +167,8 @@ def generate_dataset(
         components = load_components_task(info, torch_device, torch_dtype, allow_pickle)
         load_seconds = components.load_seconds
         generation_started = time.time()
-        written = generate_shards(components, plan, defaults, sampler, scheduler, batch_size, batches_in_flight, fs, root, progress, storage_options)
+        run = RunConfig(scheduler, sampler, batch_size, batches_in_flight, progress, storage_options)
+        written = generate_shards(components, plan, defaults, run, fs, root)
 
     finished = time.time()
     generated = sum(m["rows"] for m in written)
@@ -190,9 +192,10 @@ def generate_dataset(
 def generate_batch(components, scheduler: str | None, rows: list[Row], failed: dict[int, str]):
     """Run one batch through the stages; yields (rows, images) for the rows that came out.
 
-    Out of memory halves the batch and tries again, down to one row. Any other error (after the tasks' own
-    retries) isolates the rows: each is tried alone, and a row that still fails is recorded in `failed`
-    (position -> error) and left out, so the rest of the run goes on. Input errors stop the run.
+    Out of memory halves the batch and tries again, down to one row. Any other error isolates the rows: each
+    is tried again alone, from fresh generators seeded as before (so a retry never changes an image), and a
+    row that still fails is recorded in `failed` (position -> error) and left out, so the rest of the run
+    goes on. Input errors stop the run.
     """
     try:
         sched = make_scheduler(scheduler, components.info.scheduler_config, rows[0].steps, components.device)
@@ -225,7 +228,19 @@ def generate_batch(components, scheduler: str | None, rows: list[Row], failed: d
         yield [rows[i] for i in keep], decoded.images[keep]
 
 
-def generate_shards(components, plan, defaults, sampler, scheduler, batch_size, batches_in_flight, fs, root, progress, storage_options) -> list[dict]:
+@dataclass(frozen=True)
+class RunConfig:
+    """How a run generates, beyond each row's own parameters."""
+
+    scheduler: str | None  # as asked: an sdflow scheduler name, or None for the model's own
+    sampler: str  # its resolved name, written to each row and PNG
+    batch_size: int  # rows per U-Net batch
+    batches_in_flight: int  # decoded batches that may wait for PNG encoding
+    progress: bool  # show a progress bar on stderr
+    storage_options: dict = field(hash=False)  # fsspec options; may hold credentials, never logged
+
+
+def generate_shards(components, plan: PromptPlan, defaults: GenerationDefaults, run: RunConfig, fs, root: str) -> list[dict]:
     """Generate and commit the planned shards; returns the markers this run wrote.
 
     PNG encoding of a batch overlaps the next batch's denoising (at most `batches_in_flight` waiting), and one
@@ -233,19 +248,19 @@ def generate_shards(components, plan, defaults, sampler, scheduler, batch_size, 
     """
     info = components.info
     release = package_version("sdflow")
-    extra = {"batch_size": batch_size, "versions": software_versions()}
-    bar = tqdm(total=plan.rows_to_generate, unit="img", disable=not progress, desc="generating")
+    extra = {"batch_size": run.batch_size, "versions": software_versions()}
+    bar = tqdm(total=plan.rows_to_generate, unit="img", disable=not run.progress, desc="generating")
     encoding = deque()
     writing = deque()
     written = []
-    for shard, rows, carried, keys in iter_shard_rows(plan, defaults, info.size_multiple, storage_options):
+    for shard, rows, carried, keys in iter_shard_rows(plan, defaults, info.size_multiple, run.storage_options):
         shard_pngs = []
         failed: dict[int, str] = {}
-        for batch in make_batches(rows, batch_size):
-            for done, images in generate_batch(components, scheduler, batch, failed):
-                while len(encoding) >= batches_in_flight:
+        for batch in make_batches(rows, run.batch_size):
+            for done, images in generate_batch(components, run.scheduler, batch, failed):
+                while len(encoding) >= run.batches_in_flight:
                     encoding.popleft().wait()
-                encoding.append(encode_pngs_task.submit(images, done, sampler, info.ref, release))
+                encoding.append(encode_pngs_task.submit(images, done, run.sampler, info.ref, release))
                 shard_pngs.append(encoding[-1])
             bar.update(len(batch))
         failures = [
@@ -255,7 +270,7 @@ def generate_shards(components, plan, defaults, sampler, scheduler, batch_size, 
         ]
         writing.append(
             write_shard_task.submit(
-                fs, root, shard.index, rows, keys, shard_pngs, carried, sampler, info.ref, failures, extra
+                fs, root, shard.index, rows, keys, shard_pngs, carried, run.sampler, info.ref, failures, extra
             )
         )
         while len(writing) > 1:
