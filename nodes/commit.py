@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import os
-import uuid
 from dataclasses import dataclass, field
 
 import fsspec
@@ -32,7 +31,15 @@ from prefect.cache_policies import NO_CACHE
 from nodes.errors import TASK_RETRIES, StorageError
 from nodes.faults import crash_point
 from nodes.params import Row
-from nodes.store import ROW_GROUP_ROWS, SHARD_FILE, is_temporary, shard_path, shard_table, write_file
+from nodes.store import (
+    ROW_GROUP_ROWS,
+    SHARD_FILE,
+    is_temporary,
+    shard_path,
+    shard_table,
+    write_file,
+    write_temporary,
+)
 
 MARKERS = "_shards"
 
@@ -48,13 +55,7 @@ def create_only(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
     POSIX). On S3: one PUT with If-None-Match, which the store refuses if the key exists.
     """
     if isinstance(fs, LocalFileSystem):
-        folder, name = os.path.split(path)
-        os.makedirs(folder, exist_ok=True)
-        temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        temporary = write_temporary(path, data)
         try:
             os.link(temporary, path)
             return True

@@ -17,7 +17,6 @@ import uuid
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, PngImagePlugin
 from prefect import task
@@ -175,6 +174,18 @@ def foreign_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     return [n for n in names if not SHARD_FILE.fullmatch(n) and not is_temporary(n)]
 
 
+def write_temporary(path: str, data: bytes) -> str:
+    """Write `data` to a hidden temporary file beside local `path`, fsynced; returns its path."""
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    with open(temporary, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return temporary
+
+
 def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes, crash: str | None = None) -> None:
     """Write a whole file so that readers never see part of it.
 
@@ -182,13 +193,7 @@ def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes, crash: str
     stores one PUT (or one completed multipart upload) is already all-or-nothing.
     """
     if isinstance(fs, LocalFileSystem):
-        folder, name = os.path.split(path)
-        os.makedirs(folder, exist_ok=True)
-        temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        temporary = write_temporary(path, data)
         if crash:
             crash_point(crash)
         os.replace(temporary, path)
