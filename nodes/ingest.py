@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -350,8 +350,7 @@ def plan_prompt_table(
     has_ids = "id" in pf.schema_arrow.names
     done = np.sort(done_keys) if done_keys is not None else np.empty(0, np.uint64)
     invalid: dict[int, tuple[int | str, tuple[str, str]]] = {}
-    seen_ids: set = set()
-    duplicates: list = []
+    id_hashes: list[np.ndarray] = []  # 8 bytes a row: memory stays flat where a set of ids would not
     remaining = already_done = 0
     current_done = np.zeros(len(done), dtype=bool)  # committed keys the table still produces
     # Every column is read (and only the control columns decoded), so a damaged file fails here, before a
@@ -362,16 +361,24 @@ def plan_prompt_table(
         current_done[found[found >= 0]] = True
         already_done += int((found >= 0).sum())
         remaining += int((found < 0).sum())
-        for row_id in chunk.column("id").to_pylist() if has_ids else ():
-            if row_id is None:  # reported as invalid above
-                continue
-            if row_id in seen_ids:
-                duplicates.append(row_id)
-            seen_ids.add(row_id)
-    if duplicates:
-        raise PromptTableError(
-            f"prompt table {url} has duplicate ids: {name_ids(sorted(set(duplicates), key=str))}; each row's id must be unique."
-        )
+        if has_ids:
+            id_hashes.append(_hash_ids(chunk.column("id")))
+    if id_hashes:
+        hashes = np.sort(np.concatenate(id_hashes))
+        repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+        if len(repeated):  # rare: find the ids themselves, and rule out a hash collision
+            suspects = set(repeated.tolist())
+            counts = Counter(
+                row_id
+                for _, chunk in iter_row_chunks(pf, SCAN_ROWS, columns=["id"], url=url)
+                for row_id, h in zip(chunk.column("id").drop_null().to_pylist(), _hash_ids(chunk.column("id")))
+                if int(h) in suspects
+            )
+            duplicates = sorted((row_id for row_id, n in counts.items() if n > 1), key=str)
+            if duplicates:
+                raise PromptTableError(
+                    f"prompt table {url} has duplicate ids: {name_ids(duplicates)}; each row's id must be unique."
+                )
     if invalid and not skip_invalid:
         raise PromptTableError(describe_invalid(invalid, url) + " Fix them, or pass --skip-invalid to leave them out.")
     counts = [rows_per_shard] * (remaining // rows_per_shard) + ([remaining % rows_per_shard] if remaining % rows_per_shard else [])
@@ -387,6 +394,14 @@ def plan_prompt_table(
         already_done=already_done,
         stale=int((~current_done).sum()),
     )
+
+
+def _hash_ids(ids: pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit hash of each non-null id (nulls are reported as invalid rows, not as duplicates)."""
+    import pandas as pd
+
+    values = ids.drop_null().to_numpy(zero_copy_only=False)
+    return pd.util.hash_array(values.astype(object) if values.dtype.kind in "OUS" else values)
 
 
 def _positions_in(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
