@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 
 _t0 = time.perf_counter()
+_started_at = time.time()
 
 import argparse  # noqa: E402
 import io  # noqa: E402
@@ -115,6 +116,8 @@ def main() -> None:
             "generation_seconds": round(finished - loaded, 3),  # generation, PNGs and the Parquet file
             "write_seconds": round(finished - generated, 3),
             "seconds": round(finished - _t0, 3),
+            "started_at": _started_at,  # epoch seconds: the script's first line ...
+            "finished_at": _started_at + (finished - _t0),  # ... and its last file written
             "images": len(pngs),
             "torch_threads": torch.get_num_threads(),
             "scheduler": type(pipe.scheduler).__name__,

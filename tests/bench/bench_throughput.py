@@ -23,6 +23,7 @@ import json
 import os
 import random
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -40,9 +42,19 @@ sys.path.insert(0, str(REPO))  # nodes.toymodel, also when the package is not in
 # Model sizes. `medium` makes the U-Net the dominant cost (its width and depth grow; text encoder and VAE
 # stay small), so that the comparison is about the generation loop rather than Python overheads.
 SIZES = {
-    "small": {},  # ToyModelConfig() defaults: ~1.7 M parameters, 64x64 images
+    "small": {},  # ToyModelConfig() defaults: 1.7 M parameters (U-Net 1.0 M), 64x64 images
+    # 24.8 M parameters (U-Net 24.0 M), 64x64 images: about 5x the small model's CPU time per image
     "medium": {"unet_channels": (64, 128, 256), "layers_per_block": 2, "text_width": 64, "sample_size": 32},
 }
+
+# The environment of both processes (and of this one): offline, quiet. sdflow's CLI sets the last two itself.
+COMMON_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
+os.environ.update(COMMON_ENV)
 
 COLOURS = "red green blue yellow orange purple pink white black gray brown cyan magenta".split()
 SHAPES = "circle square triangle star cat dog house tree car boat".split()
@@ -61,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="first row seed; row i gets seed + i (default: 0)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs of each side, alternating order (default: 1)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both processes (default: torch's own choice)")
+    p.add_argument("--sdflow-command", help="run this instead of `sdflow` (e.g. 'python my_cli.py'), to try a change")
     p.add_argument("--only", choices=["sdflow", "baseline"], help="run one side only")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed 1-row run of each side first")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for both (repeatable)")
@@ -143,32 +156,42 @@ def check_scheduler_tables() -> str | None:
 class Run:
     side: str
     repeat: int
-    wall: float
-    cpu: float  # user + system seconds of the process and the children it waited for
+    wall: float  # process start to exit
+    cpu: float  # user + system seconds of the process and the children it waited for (Prefect's server)
     images: int
-    inner: dict = field(default_factory=dict)  # the process's own timings
+    load: float  # model load, as the process measured it
+    gen: float  # the generation loop: after the model load to the last output file written
+    before: float  # process start to the generation loop: interpreter, imports, Prefect server and flow run, load
+    after: float  # last output file written to process exit: manifest, Prefect teardown, interpreter exit
+    inner: dict = field(default_factory=dict)  # the process's own timings record
+    load_avg: float = 0.0  # the machine's 1-minute load average when the run started
 
     @property
     def rate(self) -> float:
         return self.images / self.wall
 
 
-def run_process(cmd: list[str], env: dict, log: Path) -> tuple[float, float, int]:
-    """Run to completion; returns (wall seconds, CPU seconds, return code). Output goes to `log`."""
+def run_process(cmd: list[str], env: dict, log: Path) -> tuple[float, float, float, float, int]:
+    """Run to completion; returns (launch epoch, exit epoch, wall seconds, CPU seconds, return code)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "wb") as out:
+        launched = time.time()
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         code = proc.wait()
         wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, code
+    return launched, launched + wall, wall, cpu, code
 
 
 def sdflow_command(args, model: Path, table: Path, out: Path, steps: int) -> list[str]:
-    exe = Path(sys.executable).with_name("sdflow")
-    cmd = [str(exe) if exe.exists() else (shutil.which("sdflow") or "sdflow"), "generate", str(table), str(out)]
+    if args.sdflow_command:
+        cmd = shlex.split(args.sdflow_command)
+    else:
+        exe = Path(sys.executable).with_name("sdflow")
+        cmd = [str(exe) if exe.exists() else (shutil.which("sdflow") or "sdflow")]
+    cmd += ["generate", str(table), str(out)]
     cmd += ["--model", str(model), "--steps", str(steps), "--guidance", str(args.guidance)]
     cmd += ["--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size), "--seed", str(args.seed)]
     if args.scheduler:
@@ -195,17 +218,32 @@ def run_side(side: str, args, env, work: Path, model: Path, table: Path, tag: st
         cmd = sdflow_command(args, model, table, out, steps)
     else:
         cmd = baseline_command(args, model, table, out, steps, timings)
-    wall, cpu, code = run_process(cmd, env, log)
+    load_avg = os.getloadavg()[0]
+    launched, exited, wall, cpu, code = run_process(cmd, env, log)
     if code != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"{side} failed with exit code {code}: {' '.join(cmd)}\n--- {log} (tail) ---\n{tail}")
     if side == "sdflow":
         manifest = json.loads((out / "manifest.json").read_text())
         inner, images = manifest["timings"], manifest["rows"]["generated"]
+        finished = datetime.fromisoformat(inner["finished"]).timestamp()
     else:
         inner = json.loads(timings.read_text())
-        images = inner["images"]
-    return Run(side, int(tag[1:]) if tag.startswith("r") else -1, wall, cpu, images, inner)
+        images, finished = inner["images"], inner["finished_at"]
+    gen = inner["generation_seconds"]
+    return Run(
+        side,
+        int(tag[1:]) if tag.startswith("r") else -1,
+        wall,
+        cpu,
+        images,
+        load=inner["model_load_seconds"],
+        gen=gen,
+        before=finished - gen - launched,
+        after=exited - finished,
+        inner=inner,
+        load_avg=load_avg,
+    )
 
 
 # --- reporting ------------------------------------------------------------------------------------------
@@ -216,10 +254,12 @@ def compare_images(sdflow_out: Path, baseline_out: Path) -> str:
     import io
 
     import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
 
-    ours = pq.read_table(sorted((sdflow_out / "data").glob("*.parquet"))).to_pydict()
+    shards = sorted((sdflow_out / "data").glob("*.parquet"))
+    ours = pa.concat_tables([pq.read_table(p, columns=["id", "image"]) for p in shards]).to_pydict()
     theirs = pq.read_table(baseline_out / "images.parquet").to_pydict()
     by_id = dict(zip(theirs["id"], theirs["image"]))
     worst, over_one = 0, 0
@@ -237,69 +277,53 @@ def compare_images(sdflow_out: Path, baseline_out: Path) -> str:
     )
 
 
-def summarise(runs: list[Run]) -> dict:
-    walls = sorted(r.wall for r in runs)
-    best = min(runs, key=lambda r: r.wall)
-    med = statistics.median(walls)
-    gen = [r.inner.get("generation_seconds") for r in runs if r.inner.get("generation_seconds")]
-    return {
-        "best": best,
-        "median_wall": med,
-        "median_rate": best.images / med,
-        "median_gen": statistics.median(gen) if gen else float("nan"),
-    }
-
-
 def report(args, setup: dict, runs: list[Run], warmups: dict, compare: str | None, warning: str | None) -> None:
     params = setup["params"]
     total = sum(params.values())
     side = setup["image_side"]
     print()
-    print("sdflow throughput benchmark (whole process, wall clock from start to exit)")
+    print("sdflow throughput benchmark: whole process, wall clock from start to exit")
     print(f"  model    : toy '{args.size}', {total / 1e6:.2f} M parameters "
           f"({', '.join(f'{k} {v / 1e6:.2f} M' for k, v in params.items())})")
-    print(f"  workload : {args.rows} rows -> {side}x{side} images, {args.steps} steps, guidance {args.guidance}, "
-          f"scheduler {args.scheduler or 'model default'}, batch {args.batch_size}, shard {args.shard_size}")
-    print(f"  machine  : {os.cpu_count()} CPUs, torch threads {setup['threads']}, repeats {args.repeats}; "
-          f"timings on a shared machine are noisy")
+    print(f"  workload : {args.rows} rows -> {side}x{side} images, {args.steps} steps, guidance {args.guidance:g}, "
+          f"scheduler {args.scheduler or 'the model default'}, batch {args.batch_size}, shard {args.shard_size}")
+    print(f"  machine  : {os.cpu_count()} CPUs, torch threads {setup['threads']}, load average before "
+          f"{setup['load_before']:.1f}, after {os.getloadavg()[0]:.1f}; on a shared machine timings are noisy")
     if warning:
         print(f"  WARNING  : {warning}")
     if warmups:
         print("  warm-up  : " + ", ".join(f"{k} {v:.1f} s" for k, v in warmups.items())
               + " (1 row, 1 step, untimed; sdflow's creates its Prefect database)")
     print()
-    header = (f"  {'':9} {'wall s':>8} {'img/s':>7} {'med wall':>9} {'med img/s':>9} {'CPU s':>7}"
-              f" {'load s':>7} {'gen s':>7} {'gen img/s':>9} {'other s':>8}")
+    header = (f"  {'':9} {'runs':>4} {'best s':>7} {'img/s':>6} {'median s':>8} {'img/s':>6} {'CPU s':>6}"
+              f" {'before':>7} {'load':>5} {'gen s':>6} {'gen img/s':>9} {'after':>6}")
     print(header)
     print("  " + "-" * (len(header) - 2))
     stats = {}
     for name in ("baseline", "sdflow"):
-        mine = [r for r in runs if r.side == name]
+        mine = sorted((r for r in runs if r.side == name), key=lambda r: r.wall)
         if not mine:
             continue
-        s = stats[name] = summarise(mine)
-        b = s["best"]
-        gen = b.inner.get("generation_seconds", float("nan"))
-        load = b.inner.get("model_load_seconds", float("nan"))
-        print(f"  {name:9} {b.wall:8.1f} {b.rate:7.2f} {s['median_wall']:9.1f} {s['median_rate']:9.2f} {b.cpu:7.1f}"
-              f" {load:7.1f} {gen:7.1f} {b.images / gen:9.2f} {b.wall - gen:8.1f}")
+        med = statistics.median(r.wall for r in mine)
+        b = mine[0]
+        stats[name] = {"best": b.rate, "median": b.images / med, "gen": statistics.median(r.images / r.gen for r in mine)}
+        print(f"  {name:9} {len(mine):4} {b.wall:7.1f} {b.rate:6.2f} {med:8.1f} {b.images / med:6.2f} {b.cpu:6.1f}"
+              f" {b.before:7.1f} {b.load:5.1f} {b.gen:6.1f} {b.images / b.gen:9.2f} {b.after:6.1f}")
     print()
-    print("  img/s = images / whole-process wall; 'gen' = the generation loop alone (from after the model load to")
-    print("  the last file written, PNG encoding and table reading included); 'other' = wall - gen: interpreter")
-    print("  start, imports, Prefect's server and flow run (sdflow), model load, shutdown. Best = fastest run.")
+    print("  best = the fastest run, its figures on the rest of the line; median over all runs. CPU s: the process")
+    print("  and its children (sdflow: Prefect's temporary server). before = start to the first batch: interpreter,")
+    print("  imports, (sdflow: Prefect server start, flow run, table check), model load (of which 'load');")
+    print("  gen = the generation loop to the last output file written; after = from then to the process's exit.")
     if "sdflow" in stats and "baseline" in stats:
         a, b = stats["sdflow"], stats["baseline"]
         print()
-        print(f"  ratio sdflow/baseline, images/s whole process : best {a['best'].rate / b['best'].rate:.3f}, "
-              f"median {a['median_rate'] / b['median_rate']:.3f}   (>= 1: sdflow at least as fast)")
-        print(f"  ratio sdflow/baseline, images/s generation    : median {b['median_gen'] / a['median_gen']:.3f}")
-        sd = a["best"].inner
-        print(f"  sdflow start-up and teardown outside its flow body: {a['best'].wall - sd['seconds']:.1f} s "
-              f"(flow body {sd['seconds']:.1f} s of {a['best'].wall:.1f} s)")
+        print(f"  sdflow/baseline images/s, whole process : best {a['best'] / b['best']:.3f}, "
+              f"median {a['median'] / b['median']:.3f}   (>= 1: sdflow at least as fast)")
+        print(f"  sdflow/baseline images/s, generation    : median {a['gen'] / b['gen']:.3f}")
     if compare:
         print(f"  images   : {compare}")
     print()
-    print("  all runs: " + "; ".join(f"{r.side} r{r.repeat} {r.wall:.1f} s" for r in runs))
+    print("  all runs: " + "; ".join(f"{r.side} #{r.repeat + 1} {r.wall:.1f} s (load {r.load_avg:.1f})" for r in runs))
 
 
 def main(argv=None) -> None:
@@ -310,7 +334,7 @@ def main(argv=None) -> None:
     (work / "out").mkdir(exist_ok=True)
 
     env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    env.update(COMMON_ENV)
     env["PREFECT_HOME"] = args.prefect_home or str(work / "prefect-home")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -319,12 +343,14 @@ def main(argv=None) -> None:
         env[key] = value
     env.pop("PYTHONPROFILEIMPORTTIME", None)
 
+    setup_load = os.getloadavg()[0]
     try:
         print(f"work dir {work}; building the '{args.size}' toy model ...", flush=True)
         model = work / f"model-{args.size}"
         if model.exists():
             shutil.rmtree(model)
         setup = build_model(model, args.size, args.steps, args.guidance)
+        setup["load_before"] = setup_load
         table = work / "prompts.parquet"
         write_prompt_table(table, args.rows, args.seed)
         warning = check_scheduler_tables()
