@@ -168,7 +168,14 @@ def _values(chunk: pa.Table, name: str, start: int) -> list:
         return chunk.column(name).to_pylist()
     except UnicodeDecodeError:
         raw = chunk.column(name).cast(pa.binary()).to_pylist()
-        ids = chunk.column("id").to_pylist() if "id" in chunk.column_names else range(start, start + len(raw))
+        if name == "id" or "id" not in chunk.column_names:
+            ids = (
+                [None if v is None else v.decode("utf-8", "backslashreplace") for v in raw]
+                if name == "id"
+                else range(start, start + len(raw))
+            )
+        else:
+            ids = _values(chunk, "id", start)
         bad = [row_id for row_id, value in zip(ids, raw) if value is not None and not _is_utf8(value)]
         raise PromptTableError(f"column '{name}' holds text that is not valid UTF-8 in rows with id {name_ids(bad)}.") from None
 
