@@ -112,8 +112,12 @@ def summary(manifest: dict, out: str) -> str:
         f"in {timings['seconds']:.1f} s ({timings['images_per_second']:.2f} images/s while generating, "
         f"model loaded in {timings['model_load_seconds']:.1f} s)."
     )
+    if rows["already_done"]:
+        text += f" {rows['already_done']} row(s) were already done."
     if rows["invalid"]:
         text += f" {rows['invalid']} invalid row(s) were skipped: see {out}/manifest.json."
+    if rows["failed"]:
+        text += f" {rows['failed']} row(s) failed (see failed_rows in {out}/manifest.json); a rerun tries them again."
     return text
 
 
