@@ -114,6 +114,11 @@ def summary(manifest: dict, out: str) -> str:
     )
     if rows["already_done"]:
         text += f" {rows['already_done']} row(s) were already done."
+    if rows["stale"]:
+        text += (
+            f" {rows['stale']} row(s) from earlier runs with other parameters or another model stay in the dataset"
+            " beside the new ones (counted as stale in the manifest)."
+        )
     if rows["invalid"]:
         text += f" {rows['invalid']} invalid row(s) were skipped: see {out}/manifest.json."
     if rows["failed"]:

@@ -159,3 +159,14 @@ def test_ids_cannot_steer_where_files_go(prefect_api, tiny_model, tmp_path, caps
     assert sorted(pq.read_table(tmp_path / "out" / "data").column("id").to_pylist()) == sorted(ids)
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert written == ["out/_shards/00000.json", "out/data/part-00000.parquet", "out/manifest.json", "t.parquet"]
+
+
+def test_summary_says_what_a_rerun_did(prefect_api, tiny_model, tmp_path, capsys):
+    table = write_table(tmp_path / "t.parquet", GOOD)
+    out = tmp_path / "out"
+    assert run_cli(capsys, table, out, "--model", tiny_model, "--steps", "1")[0] == 0
+    code, err = run_cli(capsys, table, out, "--model", tiny_model, "--steps", "1")
+    assert code == 0 and "wrote 0 images" in err and "3 row(s) were already done" in err
+    code, err = run_cli(capsys, table, out, "--model", tiny_model, "--steps", "2")
+    assert code == 0 and "wrote 3 images" in err
+    assert "3 row(s) from earlier runs with other parameters or another model stay in the dataset" in " ".join(err.split())
