@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import yaml
+from prefect.flows import load_flow_from_entrypoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,10 +15,7 @@ def test_every_deployment_points_at_a_flow_that_accepts_its_parameters():
     assert config["deployments"]
     for deployment in config["deployments"]:
         path, name = deployment["entrypoint"].split(":")
-        spec = importlib.util.spec_from_file_location("entry", ROOT / path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        flow = getattr(module, name)
+        flow = load_flow_from_entrypoint(f"{ROOT / path}:{name}")  # what `prefect deploy` and workers use
         validated = flow.validate_parameters(deployment["parameters"])
         assert {k: validated[k] for k in deployment["parameters"]} == deployment["parameters"]
         for schedule in deployment.get("schedules", []):
