@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import re
 from pathlib import Path
 
@@ -405,7 +406,12 @@ def test_credentials_appear_in_no_output_log_or_parameter(s3, s3_env, prefect_ap
     with get_client(sync_client=True) as client:
         [flow_run] = [r for r in client.read_flow_runs() if r.parameters.get("out") == f"s3://{BUCKET}/secret-out"]
         assert sentinel not in json.dumps(flow_run.model_dump(mode="json"))
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+        deadline = time.monotonic() + 30  # the server stores shipped logs asynchronously
+        while True:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+            if logs or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert logs, "the run's logs reached the API"
         assert all(sentinel not in log.message for log in logs)
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
