@@ -127,7 +127,15 @@ def summary(manifest: dict, out: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    environment = dict(os.environ)
+    try:
+        return run(build_parser().parse_args(argv))
+    finally:  # in-process callers get their environment back (the settings below are for this run only)
+        os.environ.clear()
+        os.environ.update(environment)
+
+
+def run(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
     if args.storage_options is not None:
         os.environ["SDFLOW_STORAGE_OPTIONS"] = args.storage_options

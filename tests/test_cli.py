@@ -97,7 +97,6 @@ def test_bad_option_values(prefect_api, tiny_model, tmp_path, capsys):
     ]:
         code, err = run_cli(capsys, table, tmp_path / "out", "--model", tiny_model, *args)
         assert_clean_failure(code, err, tmp_path / "out", phrase)
-    os.environ.pop("SDFLOW_STORAGE_OPTIONS", None)
 
 
 def test_truncated_prompt_is_warned_with_its_row(prefect_api, tiny_model, tmp_path, capsys):

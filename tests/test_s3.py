@@ -390,7 +390,7 @@ def test_credentials_appear_in_no_output_log_or_parameter(s3, s3_env, prefect_ap
     s3fs.S3FileSystem.clear_instance_cache()
     prompts = upload_table(s3, tmp_path, RESUME_ROWS[:2], "secret.parquet")
     options = json.dumps({"key": "testing", "secret": sentinel, "client_kwargs": {"endpoint_url": s3_env}})
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_TO_API_ENABLED": "true"}
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_TO_API_ENABLED": "true", "PREFECT_LOGGING_LEVEL": "INFO"}
     run = subprocess.run(
         [sys.executable, "-m", "flows.cli", "--verbose", "generate", prompts, f"s3://{BUCKET}/secret-out",
          "--model", tiny_model, "--steps", "1", "--storage-options", options],
