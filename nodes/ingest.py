@@ -75,7 +75,9 @@ def open_prompt_table(url: str, storage_options: dict | None = None) -> pq.Parqu
     """Open a Parquet table at a local path or fsspec URL, with errors that name the file."""
     try:
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        return pq.ParquetFile(fs.open(path, "rb"))
+        # pre_buffer=False: with pyarrow's default read cache, every row group read stays in memory until the
+        # file is closed, so one pass over the table would hold all of its bytes; without it memory stays flat.
+        return pq.ParquetFile(fs.open(path, "rb"), pre_buffer=False)
     except FileNotFoundError:
         raise PromptTableError(f"prompt table {url} does not exist.") from None
     except (pa.ArrowInvalid, OSError) as e:
@@ -239,8 +241,8 @@ def resolve_rows(
         }
         if not math.isfinite(resolved["guidance_scale"]):
             resolved["guidance_scale"] = None
-        bad = next((name for name, value in resolved.items() if value is None), None)
-        if bad is not None:
+        if None in resolved.values():  # find which column only when one is bad: this loop is per row
+            bad = next(name for name, value in resolved.items() if value is None)
             invalid[start + i] = (row_id, (bad, problems[bad]))
             continue
         rows.append(
@@ -256,11 +258,12 @@ def resolve_rows(
 def describe_invalid(invalid: dict[int, tuple[int | str, tuple[str, str]]], url: str) -> str:
     """One paragraph naming, per column and problem, the ids of the rows that have it."""
     by_problem: dict[tuple[str, str], list] = defaultdict(list)
-    for row_id, problem in invalid.values():
-        by_problem[problem].append(row_id)
+    for position, (row_id, problem) in invalid.items():
+        by_problem[problem].append(position if problem[0] == "id" else row_id)  # a null id cannot name its row
     parts = [
-        f"column '{column}' {problem}, but is not in {len(ids)} row(s) with id {name_ids(ids)}"
-        for (column, problem), ids in by_problem.items()
+        f"column '{column}' {problem}, but is not in {len(named)} row(s) "
+        + (f"at position {name_ids(named)}" if column == "id" else f"with id {name_ids(named)}")
+        for (column, problem), named in by_problem.items()
     ]
     return f"prompt table {url} has invalid rows: " + "; ".join(parts) + "."
 
@@ -310,22 +313,24 @@ OPTION_RULES = {
 }
 
 
+_KEY_JSON = json.JSONEncoder(ensure_ascii=False).encode  # exactly json.dumps(..., ensure_ascii=False), built once
+
+
 def row_key(row: Row, scheduler: str, model_fingerprint: str) -> int:
     """A row's identity as a 64-bit integer: its id, prompt, negative prompt, seed, parameters and model.
 
     A committed row with the same key is the same image; changing any of these makes a new row.
     """
-    payload = json.dumps(
+    payload = _KEY_JSON(
         [row.id, row.prompt, row.negative_prompt, row.seed, row.steps, row.guidance_scale, row.width, row.height,
-         scheduler, model_fingerprint],
-        ensure_ascii=False,
+         scheduler, model_fingerprint]
     )
     return int.from_bytes(hashlib.blake2b(payload.encode(), digest_size=8).digest(), "big")
 
 
-def _resolved_chunks(pf, url, defaults, size_multiple, identity, chunk_rows):
-    """(start, chunk, valid rows, their keys as uint64, invalid) for each chunk of the table (all columns)."""
-    for start, chunk in iter_row_chunks(pf, chunk_rows, url=url):
+def _resolved_chunks(pf, url, defaults, size_multiple, identity, chunk_rows, columns=None):
+    """(start, chunk, valid rows, their keys as uint64, invalid) for each chunk of `columns` (default: all)."""
+    for start, chunk in iter_row_chunks(pf, chunk_rows, columns=columns, url=url):
         try:
             rows, invalid = resolve_rows(chunk, start, defaults, size_multiple)
         except PromptTableError as e:
@@ -354,15 +359,14 @@ def plan_prompt_table(
     """
     pf = open_prompt_table(url, storage_options)
     carried = check_schema(pf.schema_arrow, url)
-    has_ids = "id" in pf.schema_arrow.names
+    control = [c for c in CONTROL_COLUMNS if c in pf.schema_arrow.names]
+    has_ids = "id" in control
     done = np.sort(done_keys) if done_keys is not None else np.empty(0, np.uint64)
     invalid: dict[int, tuple[int | str, tuple[str, str]]] = {}
     id_hashes: list[np.ndarray] = []  # 8 bytes a row: memory stays flat where a set of ids would not
     remaining = already_done = 0
     current_done = np.zeros(len(done), dtype=bool)  # committed keys the table still produces
-    # Every column is read (and only the control columns decoded), so a damaged file fails here, before a
-    # weight is loaded or a shard is written, not halfway through generation.
-    for _, chunk, rows, keys, bad in _resolved_chunks(pf, url, defaults, size_multiple, identity, SCAN_ROWS):
+    for _, chunk, rows, keys, bad in _resolved_chunks(pf, url, defaults, size_multiple, identity, SCAN_ROWS, control):
         invalid.update(bad)
         found = _positions_in(done, keys)
         current_done[found[found >= 0]] = True
@@ -386,6 +390,12 @@ def plan_prompt_table(
                 raise PromptTableError(
                     f"prompt table {url} has duplicate ids: {name_ids(duplicates)}; each row's id must be unique."
                 )
+    # The carried columns are decoded too (and dropped), so that a damaged file fails here, before a weight is
+    # loaded or a shard is written, not halfway through generation. In shard-sized batches, as generation reads
+    # them: wide columns (embedded images, embeddings) cost no more memory here than there.
+    if carried:
+        for _ in _record_batches(pf, min(rows_per_shard, SCAN_ROWS), list(carried), url):
+            pass
     if invalid and not skip_invalid:
         raise PromptTableError(describe_invalid(invalid, url) + " Fix them, or pass --skip-invalid to leave them out.")
     counts = [rows_per_shard] * (remaining // rows_per_shard) + ([remaining % rows_per_shard] if remaining % rows_per_shard else [])

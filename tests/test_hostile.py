@@ -222,7 +222,7 @@ REFUSED = [
     (
         "null-ids",
         pa.table({"id": pa.array([None, 2, None], pa.int64()), "prompt": ["a", "b", "c"]}),
-        ["column 'id' must not be null"],
+        ["column 'id' must not be null", "at position 0, 2"],
     ),
 ]
 
