@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--skip-invalid", action="store_true", help="leave invalid rows out (listed in the manifest) instead of stopping")
     gen.add_argument("--allow-pickle", action="store_true", help="also load pickle checkpoints (.bin); they can run code")
     gen.add_argument("--storage-options", help="JSON fsspec storage options (credentials, endpoint); never logged")
+    gen.add_argument("--pool", help="run shards on the workers serving this pool (`sdflow worker --pool NAME`) instead of here")
+
+    work = commands.add_parser("worker", help="serve a pool's shards on one device, keeping the model loaded (needs PREFECT_API_URL)")
+    work.add_argument("--pool", required=True, help="the pool to serve, as given to `sdflow generate --pool`")
+    work.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu); one worker per GPU")
+    work.add_argument("--storage-options", help="JSON fsspec storage options for the output and model (never logged)")
     return parser
 
 
@@ -121,6 +127,22 @@ def start_temporary_server() -> threading.Thread | None:
     return thread
 
 
+def serve_worker(args: argparse.Namespace) -> int:
+    """`sdflow worker`: a long-lived Prefect task worker for one pool and one device."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        return fail("a worker needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api).", EXIT_INPUT)
+    from flows.fanout import serve_shards
+
+    print(f"sdflow: worker serving pool {args.pool!r}; Ctrl-C stops it.", file=sys.stderr)
+    try:
+        serve_shards(args.pool, args.device)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def fail(message: str, code: int) -> int:
     text = textwrap.fill(
         f"sdflow: error: {message}",
@@ -169,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
         os.environ["SDFLOW_STORAGE_OPTIONS"] = args.storage_options
     from nodes.errors import SdflowError
 
+    if args.command == "worker":
+        return serve_worker(args)
     quiet = QuietConsole() if not args.verbose else None
     server = start_temporary_server()
     try:
@@ -194,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             skip_invalid=args.skip_invalid,
             allow_pickle=args.allow_pickle,
+            pool=args.pool,
             progress=sys.stderr.isatty() or args.verbose,
         )
     except SdflowError as e:

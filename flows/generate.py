@@ -8,19 +8,22 @@ import os
 import platform
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
 from prefect import flow
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from tqdm.auto import tqdm
 
+from flows.fanout import ShardRequest, fan_out, used_shard_indices
 from nodes.decode import decode_latents_task
 from nodes.denoise import denoise_task, make_scheduler, scheduler_name
 from nodes.encode import encode_prompts_task
 from nodes.errors import SdflowError
-from nodes.commit import Committed, clean_uncommitted, read_committed, write_shard_task
+from nodes.commit import Committed, clean_uncommitted, marker_path, read_committed, write_shard_task
 from nodes.ingest import PromptPlan, iter_shard_rows, make_batches, plan_prompt_table_task, resolve_defaults
 from nodes.latents import make_generators, prepare_latents_task
 from nodes.models import ModelInfo, inspect_model, load_components_task, resolve_device, resolve_dtype
@@ -127,12 +130,14 @@ def generate_dataset(
     shard_size: int = 256,
     batches_in_flight: int = 2,
     allow_pickle: bool = False,
+    pool: str | None = None,
     progress: bool = False,
 ) -> dict:
     """Generate one image per row of the Parquet table `prompts` into the dataset at `out`; returns the manifest.
 
     Options left as None take the model's own values. Storage credentials come from the AWS environment
-    or SDFLOW_STORAGE_OPTIONS, never from parameters.
+    or SDFLOW_STORAGE_OPTIONS, never from parameters. With `pool`, shards run on the task workers serving
+    that pool (`sdflow worker --pool NAME`), which write to `out` themselves; without, in this process.
     """
     parameters = {k: v for k, v in locals().items() if k != "progress"}
     if batch_size < 1 or shard_size < 1 or batches_in_flight < 1:
@@ -148,6 +153,7 @@ def generate_dataset(
     torch_dtype = resolve_dtype(dtype, torch_device)
     fs, root = open_output(out, storage_options)
     committed = read_committed(fs, root)
+    first_shard = max(committed.next_index, used_shard_indices(pool) if pool else 0)
     plan = plan_prompt_table_task(
         prompts,
         defaults,
@@ -155,7 +161,7 @@ def generate_dataset(
         shard_size,
         identity=(sampler, info.fingerprint),
         done_keys=committed.keys,
-        first_shard=committed.next_index,
+        first_shard=first_shard,
         skip_invalid=skip_invalid,
         storage_options=storage_options,
     )
@@ -163,12 +169,18 @@ def generate_dataset(
     written = []
     load_seconds = 0.0
     generation_started = time.time()
-    if plan.shards:
+    run = RunConfig(scheduler, sampler, batch_size, batches_in_flight, progress, storage_options)
+    report = ShardReport(plan, fs, root)
+    if plan.shards and pool:
+        requests = shard_requests(plan, defaults, info, run, out, model, dtype)
+        fan_out(requests, pool, report.committed)
+        written = report.markers
+    elif plan.shards:
         components = load_components_task(info, torch_device, torch_dtype, allow_pickle)
         load_seconds = components.load_seconds
         generation_started = time.time()
-        run = RunConfig(scheduler, sampler, batch_size, batches_in_flight, progress, storage_options)
-        written = generate_shards(components, plan, defaults, run, fs, root)
+        written = generate_shards(components, plan, defaults, run, fs, root, report.committed)
+    report.publish()
 
     finished = time.time()
     generated = sum(m["rows"] for m in written)
@@ -240,41 +252,107 @@ class RunConfig:
     storage_options: dict = field(hash=False)  # fsspec options; may hold credentials, never logged
 
 
-def generate_shards(components, plan: PromptPlan, defaults: GenerationDefaults, run: RunConfig, fs, root: str) -> list[dict]:
-    """Generate and commit the planned shards; returns the markers this run wrote.
+def generate_shard_images(
+    components, rows: list[Row], run: RunConfig, encoding: deque, on_batch=None, device_slot=nullcontext
+) -> tuple[list, dict[int, str]]:
+    """Generate one shard's rows batch by batch; returns its PNG futures (one per batch) and its failed rows.
 
-    PNG encoding of a batch overlaps the next batch's denoising (at most `batches_in_flight` waiting), and one
-    shard may be committing while the next is generated, so memory stays flat.
+    PNG encoding of a batch overlaps the next batch's denoising, with at most `run.batches_in_flight`
+    batches waiting in `encoding` (shared across shards). `device_slot()` is held while a batch runs on the
+    device (a per-device concurrency slot on GPU workers); `on_batch(rows)` follows each batch.
     """
     info = components.info
     release = package_version("sdflow")
-    extra = {"batch_size": run.batch_size, "versions": software_versions()}
+    pngs = []
+    failed: dict[int, str] = {}
+    for batch in make_batches(rows, run.batch_size):
+        with device_slot():
+            outputs = list(generate_batch(components, run.scheduler, batch, failed))
+        for done, images in outputs:
+            while len(encoding) >= run.batches_in_flight:
+                encoding.popleft().wait()
+            encoding.append(encode_pngs_task.submit(images, done, run.sampler, info.ref, release))
+            pngs.append(encoding[-1])
+        if on_batch:
+            on_batch(batch)
+    return pngs, failed
+
+
+def shard_failures(rows: list[Row], keys, failed: dict[int, str]) -> list[dict]:
+    """The marker's record of rows that failed: key, id, position and error."""
+    return [
+        {"key": f"{int(k):016x}", "id": r.id, "position": r.position, "error": failed[r.position]}
+        for r, k in zip(rows, keys)
+        if r.position in failed
+    ]
+
+
+def generate_shards(
+    components, plan: PromptPlan, defaults: GenerationDefaults, run: RunConfig, fs, root: str, on_committed=None
+) -> list[dict]:
+    """Generate and commit the planned shards in this process; returns the markers this run wrote.
+
+    One shard may be committing while the next is generated, so memory stays flat.
+    """
+    info = components.info
+    extra = {"batch_size": run.batch_size, "versions": software_versions(), "device": str(components.device)}
     bar = tqdm(total=plan.rows_to_generate, unit="img", disable=not run.progress, desc="generating")
     encoding = deque()
     writing = deque()
     written = []
     for shard, rows, carried, keys in iter_shard_rows(plan, defaults, info.size_multiple, run.storage_options):
-        shard_pngs = []
-        failed: dict[int, str] = {}
-        for batch in make_batches(rows, run.batch_size):
-            for done, images in generate_batch(components, run.scheduler, batch, failed):
-                while len(encoding) >= run.batches_in_flight:
-                    encoding.popleft().wait()
-                encoding.append(encode_pngs_task.submit(images, done, run.sampler, info.ref, release))
-                shard_pngs.append(encoding[-1])
-            bar.update(len(batch))
-        failures = [
-            {"key": f"{int(k):016x}", "id": r.id, "position": r.position, "error": failed[r.position]}
-            for r, k in zip(rows, keys)
-            if r.position in failed
-        ]
+        pngs, failed = generate_shard_images(components, rows, run, encoding, on_batch=lambda b: bar.update(len(b)))
         writing.append(
             write_shard_task.submit(
-                fs, root, shard.index, rows, keys, shard_pngs, carried, run.sampler, info.ref, failures, extra
+                fs, root, shard.index, rows, keys, pngs, carried, run.sampler, info.ref, shard_failures(rows, keys, failed), extra
             )
         )
         while len(writing) > 1:
             written.append(writing.popleft().result())
-    written += [w.result() for w in writing]
+            if on_committed:
+                on_committed(written[-1])
+    for w in writing:
+        written.append(w.result())
+        if on_committed:
+            on_committed(written[-1])
     bar.close()
     return written
+
+
+def shard_requests(plan: PromptPlan, defaults: GenerationDefaults, info: ModelInfo, run: RunConfig, out: str, model, dtype):
+    """The planned shards as requests for pool workers, streamed from the table (credentials left out)."""
+    wire = replace(run, storage_options={}, progress=False)
+    for shard, rows, carried, keys in iter_shard_rows(plan, defaults, info.size_multiple, run.storage_options):
+        yield ShardRequest(out, model, info.fingerprint, dtype, wire, shard, rows, carried, keys)
+
+
+class ShardReport:
+    """The run's Prefect artifacts: a progress bar that advances as shards commit, then a table of shards."""
+
+    def __init__(self, plan: PromptPlan, fs, root: str):
+        self.total = len(plan.shards)
+        self.fs, self.root = fs, root
+        self.markers: list[dict] = []
+        self.progress = create_progress_artifact(0.0, key="sdflow-shards", description=self._line()) if self.total else None
+
+    def _line(self) -> str:
+        rows = sum(m["rows"] for m in self.markers)
+        return f"{len(self.markers)}/{self.total} shards committed, {rows} images"
+
+    def committed(self, shard_or_marker) -> None:
+        """Record a committed shard: a marker (in-process runs), or a Shard whose marker a worker wrote."""
+        marker = shard_or_marker
+        if not isinstance(marker, dict):
+            marker = json.loads(self.fs.cat_file(marker_path(self.root, shard_or_marker.index)))
+        self.markers.append(marker)
+        update_progress_artifact(self.progress, 100.0 * len(self.markers) / self.total, self._line())
+
+    def publish(self) -> None:
+        if not self.markers:
+            return
+        columns = ("shard", "rows", "failed", "device", "worker", "images_per_second", "seconds", "model_loads")
+        table = [
+            {c: (len(m["failed"]) if c == "failed" else m.get(c)) for c in columns}
+            for m in sorted(self.markers, key=lambda m: m["shard"])
+        ]
+        create_table_artifact(table, key="sdflow-shard-table", description=f"{len(table)} shards committed by this run")

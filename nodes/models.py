@@ -178,6 +178,14 @@ _loaded: dict[tuple[str, str, torch.dtype], Components] = {}
 _load_lock = threading.Lock()
 
 
+_load_count = [0]
+
+
+def model_loads() -> int:
+    """How many times this process has loaded a model (a warm worker keeps this at one)."""
+    return _load_count[0]
+
+
 def load_components(
     info: ModelInfo, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False
 ) -> Components:
@@ -214,6 +222,7 @@ def load_components(
             module.to(memory_format=torch.channels_last)
         components = Components(info, tokenizer, *modules, device, dtype, time.perf_counter() - started)
         _loaded[key] = components
+        _load_count[0] += 1
         log.info("loaded %s on %s as %s in %.1f s", info.ref, device, dtype, components.load_seconds)
         return components
 
