@@ -33,7 +33,7 @@ from uuid import UUID, uuid4
 
 import numpy as np
 import pyarrow as pa
-from prefect import task
+from prefect import flow, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterTaskRunId, TaskRunFilter, TaskRunFilterId
@@ -48,7 +48,7 @@ from nodes.commit import marker_path, write_shard
 from nodes.errors import ModelError, SdflowError
 from nodes.ingest import Shard
 from nodes.models import inspect_model, load_components, model_loads, resolve_device, resolve_dtype
-from nodes.params import Row
+from nodes.params import Row, RunConfig
 from nodes.store import open_output
 
 log = logging.getLogger("sdflow")
@@ -77,7 +77,7 @@ class ShardRequest:
     model: str | None  # the model reference as given; each worker resolves it
     fingerprint: str  # the parent's model fingerprint: a worker with a different model refuses the shard
     dtype: str | None  # as asked; None: the worker's device default
-    run: object  # flows.generate.RunConfig, storage options emptied
+    run: RunConfig  # storage options emptied
     shard: Shard
     rows: list[Row]
     carried: pa.Table  # input columns carried through to the output
@@ -264,9 +264,11 @@ def fan_out(requests, pool: str, on_committed, poll_seconds: float = 1.0) -> Non
     active: dict[UUID, Attempt] = {}
     exhausted = False
     warned_idle = False
+    seen_live: set[str] = set()
     with get_client(sync_client=True) as client:
         while True:
             live = _live_workers(client, shard_task_.task_key)
+            seen_live |= live
             while not exhausted and len(active) < max(2, 2 * len(live)):
                 request = next(requests, None)
                 if request is None:
@@ -281,7 +283,14 @@ def fan_out(requests, pool: str, on_committed, poll_seconds: float = 1.0) -> Non
             runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=list(active))))
             running = [r.id for r in runs if r.state and r.state.is_running()]
             reporters = _reporters(client, running)
-            live = _live_workers(client, shard_task_.task_key)  # read after the reports: a report names a live worker or a dead one
+            # Read after the reports: a report names a worker that is live now, or one that is gone.
+            now_live = _live_workers(client, shard_task_.task_key)
+            gone = seen_live - now_live
+            for missing in set(active) - {r.id for r in runs}:
+                # A task worker deletes a run whose parameters it cannot read (a worker with another sdflow
+                # version, say). Count it as a lost attempt: others may read it; if none can, the run stops.
+                _retry(active, shard_task_, flow_run.id, active[missing], "a worker could not read its parameters")
+            seen_live = now_live
             for run in runs:
                 attempt = active[run.id]
                 state = run.state
@@ -289,6 +298,7 @@ def fan_out(requests, pool: str, on_committed, poll_seconds: float = 1.0) -> Non
                     continue
                 if state.is_completed():
                     del active[run.id]
+                    log.info("shard %d committed (attempt %d)", attempt.shard.index, attempt.number)
                     on_committed(attempt.shard)
                 elif state.is_failed():
                     raise SdflowError(f"shard {attempt.shard.index} failed on its worker: {state.message}")
@@ -296,12 +306,15 @@ def fan_out(requests, pool: str, on_committed, poll_seconds: float = 1.0) -> Non
                     _retry(active, shard_task_, flow_run.id, attempt, f"its run ended {state.name}")
                 elif state.is_running():
                     holder = reporters.get(run.id)
-                    if holder is not None and holder not in live:
-                        client.set_task_run_state(run.id, Crashed(message=f"worker {holder} is gone"), force=True)
-                        _retry(active, shard_task_, flow_run.id, attempt, f"worker {holder} is gone")
-                    elif holder is None and time.monotonic() - attempt.since > LOST_WITHOUT_REPORT_S and not live:
-                        client.set_task_run_state(run.id, Crashed(message="no report and no live worker"), force=True)
-                        _retry(active, shard_task_, flow_run.id, attempt, "no worker reported on it")
+                    if holder is not None and holder not in now_live:
+                        _lose(client, active, shard_task_, flow_run.id, attempt, f"worker {holder} is gone")
+                    elif holder is None and time.monotonic() - attempt.since > LOST_WITHOUT_REPORT_S and not now_live:
+                        _lose(client, active, shard_task_, flow_run.id, attempt, "no worker reported on it")
+                elif gone:
+                    # A worker takes its next shard off the queue while it runs one; a worker that dies takes
+                    # that one with it, still SCHEDULED. Nobody can say which those are, so every shard not
+                    # yet running gets a new attempt; the old one, marked Crashed, is never started.
+                    _lose(client, active, shard_task_, flow_run.id, attempt, f"worker {', '.join(sorted(gone))} is gone")
             time.sleep(poll_seconds)
 
 
@@ -310,9 +323,25 @@ def _submit(active: dict, shard_task_, flow_run_id: UUID, request: ShardRequest,
     active[run.id] = Attempt(request.shard, number, run.id, request, time.monotonic())
 
 
+def _lose(client, active: dict, shard_task_, flow_run_id: UUID, attempt: Attempt, why: str) -> None:
+    """Mark an attempt Crashed (so a worker that still holds it never starts it) and make the next one."""
+    client.set_task_run_state(attempt.task_run_id, Crashed(message=why), force=True)
+    _retry(active, shard_task_, flow_run_id, attempt, why)
+
+
 def _retry(active: dict, shard_task_, flow_run_id: UUID, attempt: Attempt, why: str) -> None:
     del active[attempt.task_run_id]
     if attempt.number >= MAX_ATTEMPTS:
         raise SdflowError(f"shard {attempt.shard.index} was lost {attempt.number} times ({why}); stopping the run.")
     log.warning("shard %d lost (%s): attempt %d", attempt.shard.index, why, attempt.number + 1)
     _submit(active, shard_task_, flow_run_id, attempt.request, attempt.number + 1)
+
+
+@flow(name="shard-worker")
+def shard_worker(pool: str, device: str | None = None) -> None:
+    """A worker started as a deployment run on a GPU work pool: serves the pool's shards until cancelled.
+
+    The same as `sdflow worker --pool NAME`, for clusters where Prefect's work pools place processes on
+    GPUs (a Kubernetes job with one `nvidia.com/gpu`, a Docker container with the NVIDIA runtime).
+    """
+    serve_shards(pool, device)

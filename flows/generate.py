@@ -9,7 +9,7 @@ import platform
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 
@@ -27,7 +27,7 @@ from nodes.commit import Committed, clean_uncommitted, marker_path, read_committ
 from nodes.ingest import PromptPlan, iter_shard_rows, make_batches, plan_prompt_table_task, resolve_defaults
 from nodes.latents import make_generators, prepare_latents_task
 from nodes.models import ModelInfo, inspect_model, load_components_task, resolve_device, resolve_dtype
-from nodes.params import GenerationDefaults, Row
+from nodes.params import GenerationDefaults, Row, RunConfig
 from nodes.store import encode_pngs_task, open_output, write_manifest
 
 log = logging.getLogger("sdflow")
@@ -238,18 +238,6 @@ def generate_batch(components, scheduler: str | None, rows: list[Row], failed: d
     keep = [i for i in range(len(rows)) if i not in decoded.non_finite]
     if keep:
         yield [rows[i] for i in keep], decoded.images[keep]
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """How a run generates, beyond each row's own parameters."""
-
-    scheduler: str | None  # as asked: an sdflow scheduler name, or None for the model's own
-    sampler: str  # its resolved name, written to each row and PNG
-    batch_size: int  # rows per U-Net batch
-    batches_in_flight: int  # decoded batches that may wait for PNG encoding
-    progress: bool  # show a progress bar on stderr
-    storage_options: dict = field(hash=False)  # fsspec options; may hold credentials, never logged
 
 
 def generate_shard_images(

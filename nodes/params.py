@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Samplers by their sdflow name; each maps to a diffusers scheduler class and config overrides
 # (see nodes.denoise.make_scheduler) and to the name AUTOMATIC1111's infotext uses for it.
@@ -49,3 +49,15 @@ class Row:
     def shape_key(self) -> tuple[int, int, int]:
         """Rows that share this key can share a batch: (width, height, steps)."""
         return (self.width, self.height, self.steps)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How a run generates, beyond each row's own parameters."""
+
+    scheduler: str | None  # as asked: an sdflow scheduler name, or None for the model's own
+    sampler: str  # its resolved name, written to each row and PNG
+    batch_size: int  # rows per U-Net batch
+    batches_in_flight: int  # decoded batches that may wait for PNG encoding
+    progress: bool  # show a progress bar on stderr
+    storage_options: dict = field(hash=False)  # fsspec options; may hold credentials, never logged

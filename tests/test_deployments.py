@@ -14,8 +14,7 @@ def test_every_deployment_points_at_a_flow_that_accepts_its_parameters():
     config = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     assert config["deployments"]
     for deployment in config["deployments"]:
-        path, name = deployment["entrypoint"].split(":")
-        flow = load_flow_from_entrypoint(f"{ROOT / path}:{name}")  # what `prefect deploy` and workers use
+        flow = load_flow_from_entrypoint(deployment["entrypoint"])  # what `prefect deploy` and workers use
         validated = flow.validate_parameters(deployment["parameters"])
         assert {k: validated[k] for k in deployment["parameters"]} == deployment["parameters"]
         for schedule in deployment.get("schedules", []):
