@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     work = commands.add_parser("worker", help="serve a pool's shards on one device, keeping the model loaded (needs PREFECT_API_URL)")
     work.add_argument("--pool", required=True, help="the pool to serve, as given to `sdflow generate --pool`")
     work.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu); one worker per GPU")
+    work.add_argument("--model", help="load this model before the first shard arrives (default: load on the first shard)")
     work.add_argument("--storage-options", help="JSON fsspec storage options for the output and model (never logged)")
     return parser
 
@@ -137,7 +138,7 @@ def serve_worker(args: argparse.Namespace) -> int:
 
     print(f"sdflow: worker serving pool {args.pool!r}; Ctrl-C stops it.", file=sys.stderr)
     try:
-        serve_shards(args.pool, args.device)
+        serve_shards(args.pool, args.device, args.model)
     except KeyboardInterrupt:
         pass
     return 0

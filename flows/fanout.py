@@ -36,7 +36,7 @@ import pyarrow as pa
 from prefect import flow, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterTaskRunId, TaskRunFilter, TaskRunFilterId
+from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
 from prefect.concurrency.sync import concurrency
 from prefect.context import FlowRunContext, serialize_context
 from prefect.results import ResultStore, get_or_create_default_task_scheduling_storage
@@ -53,6 +53,8 @@ from nodes.store import open_output
 
 log = logging.getLogger("sdflow")
 
+POOL_PREFIX = "generate_shard__"  # task keys: generate_shard__POOL__WORKER-codehash
+SHARDS_PER_WORKER = 2  # one running, one taken off the queue to start next
 DEVICE_ENV = "SDFLOW_DEVICE"  # the device a worker generates on: cpu, cuda, cuda:N
 MAX_ATTEMPTS = 3  # per shard; a shard lost more often than this stops the run
 LOST_WITHOUT_REPORT_S = 120
@@ -146,33 +148,62 @@ def run_shard(request: ShardRequest) -> dict:
     )
 
 
-def shard_task(pool: str):
-    """The pool's shard task: the same code for every pool, a task key of its own (workers serve by key)."""
-    slug = re.sub(r"[^A-Za-z0-9_]+", "_", pool)
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text)
+
+
+def shard_task(pool: str, worker: str):
+    """One worker's shard task: the same code for every worker, a task key of its own.
+
+    Workers serve by task key, and Prefect hands a queued run to whichever subscriber asks first, busy or
+    not. A key per worker lets the parent choose: it gives each worker one shard to run and one to start
+    next, so no worker idles while another holds two, and when a worker is gone the parent knows exactly
+    which shards went with it.
+    """
 
     def generate_shard(request: ShardRequest) -> dict:
         return run_shard(request)
 
-    generate_shard.__qualname__ = generate_shard.__name__ = f"generate_shard_{slug}"
+    generate_shard.__qualname__ = generate_shard.__name__ = f"{POOL_PREFIX}{_slug(pool)}__{_slug(worker)}"
     # retries=0: a shard that raises is an input or model problem (the run stops and says why); a lost
     # worker is handled by the parent, which makes a new attempt.
     return task(generate_shard, name=f"generate-shard-{pool}", retries=0)
 
 
-def serve_shards(pool: str, device: str | None = None) -> None:
-    """Worker side: serve the pool's shard task, one shard at a time, until interrupted."""
+def pool_workers(client, pool: str) -> dict[str, str]:
+    """Live workers of a pool: worker id -> its task key, from the server's list of task workers."""
+    response = client.request("POST", "/task_workers/filter", json={"task_worker_filter": None})
+    response.raise_for_status()
+    prefix = f"{POOL_PREFIX}{_slug(pool)}__"
+    return {
+        w["identifier"]: key
+        for w in response.json()
+        for key in w["task_keys"]
+        if key.startswith(prefix) and key[len(prefix):].startswith(_slug(w["identifier"]) + "-")
+    }
+
+
+def serve_shards(pool: str, device: str | None = None, model: str | None = None) -> None:
+    """Worker side: serve the pool's shards, one at a time, until interrupted.
+
+    With `model`, load it before the first shard arrives (a shard for another model loads that one, once).
+    """
     from prefect.task_worker import serve
+
+    from flows.generate import storage_options_from_env  # imported now, not when the first shard arrives
 
     if device:
         os.environ[DEVICE_ENV] = device
-    device = resolve_device(os.environ.get(DEVICE_ENV))
-    if device.type != "cpu":
+    torch_device = resolve_device(os.environ.get(DEVICE_ENV))
+    if model:
+        load_components(inspect_model(model, storage_options_from_env()), torch_device, resolve_dtype(None, torch_device))
+    if torch_device.type != "cpu":
         with get_client(sync_client=True) as client:
             try:
-                client.create_global_concurrency_limit(_limit_create(device_limit_name(device)))
+                client.create_global_concurrency_limit(_limit_create(device_limit_name(torch_device)))
             except Exception:  # it exists (another worker on this machine made it)
                 pass
-    serve(shard_task(pool), limit=1)
+    serve(shard_task(pool, worker_id()), limit=1)
 
 
 def _limit_create(name: str):
@@ -187,11 +218,39 @@ class Attempt:
     number: int
     task_run_id: UUID
     request: ShardRequest
-    since: float  # when the parent created or found it (monotonic)
+    worker: str  # the worker it was given to
+
+
+def shard_digest(keys: np.ndarray) -> str:
+    """A shard's identity for idempotency: its rows (their keys), not its index, which a re-plan may change."""
+    import hashlib
+
+    return hashlib.blake2b(np.ascontiguousarray(keys, dtype=np.uint64).tobytes(), digest_size=8).hexdigest()
+
+
+def _shard_runs(client, flow_run_id: UUID) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [r for r in runs if re.fullmatch(r"shard-\d+-attempt-\d+", r.name or "")]
+
+
+def used_shard_indices(pool: str) -> int:
+    """One past the highest shard index that this flow run's earlier attempts gave a shard run (0 if none).
+
+    A retried parent plans again; numbering its new shards past these keeps them off the indices that
+    shard runs still in flight from before will commit.
+    """
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return 0
+    with get_client(sync_client=True) as client:
+        runs = _shard_runs(client, context.flow_run.id)
+    return max((int(r.name.split("-")[1]) for r in runs), default=-1) + 1
 
 
 async def _create_shard_run(shard_task_, flow_run_id: UUID, request: ShardRequest, number: int):
-    """The task run of one attempt at one shard, created deferred (for a worker), or the one that exists."""
+    """The task run of one attempt at one shard, created deferred, for the worker that serves `shard_task_`."""
     store = await ResultStore(result_storage=await get_or_create_default_task_scheduling_storage()).aupdate_for_task(
         shard_task_
     )
@@ -207,141 +266,124 @@ async def _create_shard_run(shard_task_, flow_run_id: UUID, request: ShardReques
             dynamic_key=f"{shard_digest(request.keys)}-attempt-{number}",
             name=f"shard-{request.shard.index:05d}-attempt-{number}",
             state=state,
-            extra_tags=[f"shard-{request.shard.index:05d}"],
+            extra_tags=[f"rows-{shard_digest(request.keys)}"],
         )
 
 
-def shard_digest(keys: np.ndarray) -> str:
-    """A shard's identity for idempotency: its rows (their keys), not its index, which a re-plan may change."""
-    import hashlib
+class FanOut:
+    """Parent side: hands shards to a pool's workers, watches them, and makes new attempts at lost ones."""
 
-    return hashlib.blake2b(np.ascontiguousarray(keys, dtype=np.uint64).tobytes(), digest_size=8).hexdigest()
+    def __init__(self, pool: str, client, flow_run_id: UUID):
+        self.pool, self.client, self.flow_run_id = pool, client, flow_run_id
+        self.active: dict[UUID, Attempt] = {}
+        self.waiting: deque[tuple[ShardRequest, int]] = deque()  # (request, attempt number) to give out
+        # A retried parent finds the runs its earlier attempts made: shard rows -> (attempt, run, worker key).
+        self.earlier: dict[str, tuple[int, object]] = {}
+        for run in _shard_runs(client, flow_run_id):
+            digest = next((t[5:] for t in run.tags if t.startswith("rows-")), None)
+            number = int(run.name.rsplit("-", 1)[1])
+            if digest and number > self.earlier.get(digest, (0, None))[0]:
+                self.earlier[digest] = (number, run)
+
+    def give(self, request: ShardRequest, number: int, workers: dict[str, str]) -> bool:
+        """Create the attempt on the least busy live worker (or re-attach to a retried parent's own run)."""
+        earlier = self.earlier.pop(shard_digest(request.keys), None)
+        if earlier and number == 1:
+            number, run = earlier
+            holder = next((w for w, key in workers.items() if key == run.task_key), None)
+            if run.state and not (run.state.is_crashed() or run.state.is_cancelled()) and (holder or run.state.is_completed()):
+                self.active[run.id] = Attempt(request.shard, number, run.id, request, holder or "")
+                return True
+            number += 1
+        load = {w: 0 for w in workers}
+        for attempt in self.active.values():
+            if attempt.worker in load:
+                load[attempt.worker] += 1
+        free = [w for w, n in sorted(load.items(), key=lambda item: item[1]) if n < SHARDS_PER_WORKER]
+        if not free:
+            self.waiting.appendleft((request, number))
+            return False
+        worker = free[0]
+        if number > MAX_ATTEMPTS:
+            raise SdflowError(f"shard {request.shard.index} was lost {MAX_ATTEMPTS} times; stopping the run.")
+        task_ = shard_task(self.pool, worker)
+        run = run_coro_as_sync(_create_shard_run(task_, self.flow_run_id, request, number))
+        self.active[run.id] = Attempt(request.shard, number, run.id, request, worker)
+        return True
+
+    def lose(self, attempt: Attempt, why: str) -> None:
+        """Mark an attempt Crashed (a worker that still holds it never starts it); its shard waits for another."""
+        del self.active[attempt.task_run_id]
+        self.client.set_task_run_state(attempt.task_run_id, Crashed(message=why), force=True)
+        log.warning("shard %d lost (%s); attempt %d will follow", attempt.shard.index, why, attempt.number + 1)
+        if attempt.number >= MAX_ATTEMPTS:
+            raise SdflowError(f"shard {attempt.shard.index} was lost {attempt.number} times ({why}); stopping the run.")
+        self.waiting.append((attempt.request, attempt.number + 1))
 
 
-def used_shard_indices(pool: str) -> int:
-    """One past the highest shard index that this flow run's earlier attempts gave a shard run (0 if none).
+def fan_out(requests, pool: str, on_committed, poll_seconds: float = 0.5) -> None:
+    """Parent side: run each ShardRequest of the iterable on the pool's workers; `on_committed(shard)` per shard.
 
-    A retried parent plans again; numbering its new shards past these keeps them off the indices that
-    shard runs still in flight from before will commit.
+    Each live worker holds at most SHARDS_PER_WORKER shards; the rest of the table waits in the parent's
+    iterator, never all in memory. Returns when every shard is committed; raises SdflowError when a shard
+    fails (its error is the worker's) or is lost MAX_ATTEMPTS times.
     """
-    context = FlowRunContext.get()
-    if context is None or context.flow_run is None:
-        return 0
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[context.flow_run.id])))
-    indices = [int(m.group(1)) for r in runs if (m := re.fullmatch(r"shard-(\d+)-attempt-\d+", r.name or ""))]
-    return max(indices, default=-1) + 1
-
-
-def _live_workers(client, task_key: str) -> set[str]:
-    response = client.request("POST", "/task_workers/filter", json={"task_worker_filter": {"task_keys": [task_key]}})
-    response.raise_for_status()
-    return {w["identifier"] for w in response.json()}
-
-
-def _reporters(client, task_run_ids: list[UUID]) -> dict[UUID, str]:
-    """task run -> the worker named in its latest progress report."""
-    if not task_run_ids:
-        return {}
-    artifacts = client.read_artifacts(
-        artifact_filter=ArtifactFilter(task_run_id=ArtifactFilterTaskRunId(any_=task_run_ids))
-    )
-    return {a.task_run_id: str(a.description or "").split(" | ")[0] for a in artifacts if a.type == "progress"}
-
-
-def fan_out(requests, pool: str, on_committed, poll_seconds: float = 1.0) -> None:
-    """Parent side: run each ShardRequest of the iterable on the pool's workers; `on_committed(marker)` per shard.
-
-    Keeps about two shards per live worker queued, so workers never wait and the parent never holds the
-    whole table. Returns when every shard is committed; raises SdflowError when a shard fails (its error
-    is the worker's) or is lost MAX_ATTEMPTS times.
-    """
-    shard_task_ = shard_task(pool)
     flow_run = FlowRunContext.get().flow_run
     requests = iter(requests)
-    active: dict[UUID, Attempt] = {}
     exhausted = False
-    warned_idle = False
-    seen_live: set[str] = set()
+    idle_since = time.monotonic()
     with get_client(sync_client=True) as client:
+        fan = FanOut(pool, client, flow_run.id)
         while True:
-            live = _live_workers(client, shard_task_.task_key)
-            seen_live |= live
-            while not exhausted and len(active) < max(2, 2 * len(live)):
-                request = next(requests, None)
-                if request is None:
-                    exhausted = True
+            workers = pool_workers(client, pool)
+            for attempt in [a for a in fan.active.values() if a.worker and a.worker not in workers]:
+                fan.lose(attempt, f"worker {attempt.worker} is gone")
+            while workers:
+                if fan.waiting:
+                    if not fan.give(*fan.waiting.popleft(), workers):
+                        break
+                elif not exhausted:
+                    request = next(requests, None)
+                    if request is None:
+                        exhausted = True
+                    elif not fan.give(request, 1, workers):
+                        break
+                else:
                     break
-                _submit(active, shard_task_, flow_run.id, request, 1)
-            if not active:
+            if not fan.active and not fan.waiting and exhausted:
                 return
-            if not live and not warned_idle and time.monotonic() - min(a.since for a in active.values()) > 30:
-                log.warning("no worker serves pool %r yet: start one with `sdflow worker --pool %s`", pool, pool)
-                warned_idle = True
-            runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=list(active))))
-            running = [r.id for r in runs if r.state and r.state.is_running()]
-            reporters = _reporters(client, running)
-            # Read after the reports: a report names a worker that is live now, or one that is gone.
-            now_live = _live_workers(client, shard_task_.task_key)
-            gone = seen_live - now_live
-            for missing in set(active) - {r.id for r in runs}:
-                # A task worker deletes a run whose parameters it cannot read (a worker with another sdflow
-                # version, say). Count it as a lost attempt: others may read it; if none can, the run stops.
-                _retry(active, shard_task_, flow_run.id, active[missing], "a worker could not read its parameters")
-            seen_live = now_live
-            for run in runs:
-                attempt = active[run.id]
-                state = run.state
-                if state is None:
-                    continue
-                if state.is_completed():
-                    del active[run.id]
-                    log.info("shard %d committed (attempt %d)", attempt.shard.index, attempt.number)
-                    on_committed(attempt.shard)
-                elif state.is_failed():
-                    raise SdflowError(f"shard {attempt.shard.index} failed on its worker: {state.message}")
-                elif state.is_crashed() or state.is_cancelled():
-                    _retry(active, shard_task_, flow_run.id, attempt, f"its run ended {state.name}")
-                elif state.is_running():
-                    holder = reporters.get(run.id)
-                    if holder is not None and holder not in now_live:
-                        _lose(client, active, shard_task_, flow_run.id, attempt, f"worker {holder} is gone")
-                    elif holder is None and time.monotonic() - attempt.since > LOST_WITHOUT_REPORT_S and not now_live:
-                        _lose(client, active, shard_task_, flow_run.id, attempt, "no worker reported on it")
-                elif gone:
-                    # A worker takes its next shard off the queue while it runs one; a worker that dies takes
-                    # that one with it, still SCHEDULED. Nobody can say which those are, so every shard not
-                    # yet running gets a new attempt; the old one, marked Crashed, is never started.
-                    _lose(client, active, shard_task_, flow_run.id, attempt, f"worker {', '.join(sorted(gone))} is gone")
+            if workers:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > 30:
+                log.warning("no worker serves pool %r: start one with `sdflow worker --pool %s`", pool, pool)
+                idle_since = time.monotonic()
+            if fan.active:
+                runs = {r.id: r for r in client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=list(fan.active))))}
+                for run_id, attempt in list(fan.active.items()):
+                    run = runs.get(run_id)
+                    state = run.state if run else None
+                    if run is None:
+                        # A task worker deletes a run whose parameters it cannot read (a worker with another
+                        # sdflow version, say): a lost attempt; another worker may read it.
+                        fan.lose(attempt, "its worker could not read its parameters")
+                    elif state is None:
+                        continue
+                    elif state.is_completed():
+                        del fan.active[run_id]
+                        log.info("shard %d committed (attempt %d)", attempt.shard.index, attempt.number)
+                        on_committed(attempt.shard)
+                    elif state.is_failed():
+                        raise SdflowError(f"shard {attempt.shard.index} failed on its worker: {state.message}")
+                    elif state.is_crashed() or state.is_cancelled():
+                        fan.lose(attempt, f"its run ended {state.name}")
             time.sleep(poll_seconds)
 
 
-def _submit(active: dict, shard_task_, flow_run_id: UUID, request: ShardRequest, number: int) -> None:
-    run = run_coro_as_sync(_create_shard_run(shard_task_, flow_run_id, request, number))
-    active[run.id] = Attempt(request.shard, number, run.id, request, time.monotonic())
-
-
-def _lose(client, active: dict, shard_task_, flow_run_id: UUID, attempt: Attempt, why: str) -> None:
-    """Mark an attempt Crashed (so a worker that still holds it never starts it) and make the next one."""
-    client.set_task_run_state(attempt.task_run_id, Crashed(message=why), force=True)
-    _retry(active, shard_task_, flow_run_id, attempt, why)
-
-
-def _retry(active: dict, shard_task_, flow_run_id: UUID, attempt: Attempt, why: str) -> None:
-    del active[attempt.task_run_id]
-    if attempt.number >= MAX_ATTEMPTS:
-        raise SdflowError(f"shard {attempt.shard.index} was lost {attempt.number} times ({why}); stopping the run.")
-    log.warning("shard %d lost (%s): attempt %d", attempt.shard.index, why, attempt.number + 1)
-    _submit(active, shard_task_, flow_run_id, attempt.request, attempt.number + 1)
-
-
 @flow(name="shard-worker")
-def shard_worker(pool: str, device: str | None = None) -> None:
+def shard_worker(pool: str, device: str | None = None, model: str | None = None) -> None:
     """A worker started as a deployment run on a GPU work pool: serves the pool's shards until cancelled.
 
     The same as `sdflow worker --pool NAME`, for clusters where Prefect's work pools place processes on
     GPUs (a Kubernetes job with one `nvidia.com/gpu`, a Docker container with the NVIDIA runtime).
     """
-    serve_shards(pool, device)
+    serve_shards(pool, device, model)
