@@ -102,12 +102,35 @@ class Cluster:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
     def stop(self):
+        # Process workers start each flow run in a session of its own: find them as descendants first.
+        doomed = set()
         for process in self.processes.values():
+            doomed |= descendants(process.pid) | {process.pid}
+        for pid in doomed:
             try:
-                os.killpg(process.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        for process in self.processes.values():
             process.wait()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
 
 @pytest.fixture

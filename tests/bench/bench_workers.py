@@ -283,7 +283,8 @@ def run_config(args, procs: Processes, env: dict, server, url: str, work: Path, 
             before = live_workers(url)
             launched_at = {}
             for i in range(workers):
-                cmd = sdflow_cmd(args) + ["worker", "--pool", POOL, "--device", "cpu"]
+                # Warm workers: long-lived, model loaded before the run (sdflow worker --model)
+                cmd = sdflow_cmd(args) + ["worker", "--pool", POOL, "--device", "cpu", "--model", str(model)]
                 proc = procs.start(cmd, wenv, logs / f"worker-{tag}-{i}.log")
                 started_workers.append(proc)
                 launched_at[proc.pid] = time.perf_counter()
