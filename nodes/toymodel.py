@@ -23,6 +23,19 @@ TOY_WORDS = (
 ).split()
 
 
+# The scaled-linear schedule and settings of stable-diffusion-v1-5's scheduler_config.json.
+SD_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+}
+
+
 @dataclass(frozen=True)
 class ToyModelConfig:
     """Sizes of a toy Stable Diffusion; defaults give a ~3 MB model that makes 64x64 images."""
@@ -108,19 +121,7 @@ def build_toy_pipeline(config: ToyModelConfig = ToyModelConfig(), words=TOY_WORD
         norm_num_groups=min(32, config.vae_channels[0]),
         sample_size=config.sample_size * 2 ** (m - 1),
     )
-    # The scaled-linear schedule and settings of stable-diffusion-v1-5's scheduler_config.json.
-    scheduler = getattr(diffusers, config.scheduler).from_config(
-        {
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "num_train_timesteps": 1000,
-            "set_alpha_to_one": False,
-            "skip_prk_steps": True,
-            "steps_offset": 1,
-            "clip_sample": False,
-        }
-    )
+    scheduler = getattr(diffusers, config.scheduler).from_config(SD_SCHEDULER_CONFIG)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
