@@ -86,10 +86,10 @@ class ShardRequest:
     keys: np.ndarray  # row keys, uint64
 
 
-def status_line(worker: str, device, done: int, total: int, seconds: float) -> str:
-    """A shard run's progress report; the worker comes first: the parent reads it back."""
+def status_line(worker: str, device, done: int, total: int, seconds: float, failed: int = 0) -> str:
+    """A shard run's progress report: worker, device, rows done, failures, images per second."""
     rate = done / seconds if seconds > 0 else 0.0
-    return f"{worker} | {device} | {done}/{total} rows | {rate:.2f} images/s"
+    return f"{worker} | {device} | {done}/{total} rows | {failed} failed | {rate:.2f} images/s"
 
 
 def run_shard(request: ShardRequest) -> dict:
@@ -118,11 +118,11 @@ def run_shard(request: ShardRequest) -> dict:
     run = replace(request.run, storage_options=storage_options, progress=False)
     done = 0
 
-    def on_batch(batch: list[Row]) -> None:
+    def on_batch(batch: list[Row], failed: dict) -> None:
         nonlocal done
         done += len(batch)
         seconds = time.perf_counter() - started
-        update_progress_artifact(report, 100.0 * done / total, status_line(worker, device, done, total, seconds))
+        update_progress_artifact(report, 100.0 * done / total, status_line(worker, device, done, total, seconds, len(failed)))
 
     def device_slot():
         if device.type == "cpu":  # CPU workers share cores, not a device: each runs on its own threads

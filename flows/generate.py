@@ -247,7 +247,7 @@ def generate_shard_images(
 
     PNG encoding of a batch overlaps the next batch's denoising, with at most `run.batches_in_flight`
     batches waiting in `encoding` (shared across shards). `device_slot()` is held while a batch runs on the
-    device (a per-device concurrency slot on GPU workers); `on_batch(rows)` follows each batch.
+    device (a per-device concurrency slot on GPU workers); `on_batch(rows, failed so far)` follows each batch.
     """
     info = components.info
     release = package_version("sdflow")
@@ -262,7 +262,7 @@ def generate_shard_images(
             encoding.append(encode_pngs_task.submit(images, done, run.sampler, info.ref, release))
             pngs.append(encoding[-1])
         if on_batch:
-            on_batch(batch)
+            on_batch(batch, failed)
     return pngs, failed
 
 
@@ -289,7 +289,7 @@ def generate_shards(
     writing = deque()
     written = []
     for shard, rows, carried, keys in iter_shard_rows(plan, defaults, info.size_multiple, run.storage_options):
-        pngs, failed = generate_shard_images(components, rows, run, encoding, on_batch=lambda b: bar.update(len(b)))
+        pngs, failed = generate_shard_images(components, rows, run, encoding, on_batch=lambda batch, failed: bar.update(len(batch)))
         writing.append(
             write_shard_task.submit(
                 fs, root, shard.index, rows, keys, pngs, carried, run.sampler, info.ref, shard_failures(rows, keys, failed), extra
