@@ -1,22 +1,22 @@
 """Fan-out: a run's shards go to long-lived Prefect task workers, one per GPU, that keep the model loaded.
 
-Parent (the generation flow with `pool`): plans as usual, then creates one background task run per shard of
-the pool's shard task and waits. Shard runs are created with a dynamic key made of the shard index and the
-attempt, under the parent's flow run, so Prefect's own idempotency (one task run per flow run, task key and
-dynamic key) turns a parent retry into a lookup of the runs it already made, never a duplicate. Shards are
-committed by the workers straight to the output storage; the parent reads their markers and writes the
-manifest.
+Parent (the generation flow with `pool`): plans as usual, then creates one background task run per shard
+and waits. Each worker serves a task key of its own, so the parent chooses who runs what: one shard
+running and one next per live worker. Shard runs are created under the parent's flow run with a dynamic
+key made of the shard's rows and the attempt, so Prefect's own idempotency (one task run per flow run,
+task key and dynamic key) plus a lookup at start turn a parent retry into re-attachment, never a
+duplicate. Workers commit their shards straight to the output storage; the parent reads the markers and
+writes the manifest.
 
 Worker (`sdflow worker --pool NAME`): `prefect.task_worker.serve(shard task, limit=1)`: one process per GPU,
 one shard at a time, the model loaded once and reused for every shard it serves. Task parameters (the
 shard's rows) travel through Prefect's task-scheduling storage, which parent and workers must share: local
 disk on one machine; `PREFECT_TASKS_SCHEDULING_DEFAULT_STORAGE_BLOCK` on a shared store across machines.
 
-A worker that dies holding a shard leaves its task run RUNNING for good (Prefect does not redeliver a task a
-worker acknowledged). Each shard run reports progress in a progress artifact that names its worker; the
-parent compares that with the server's list of live task workers, marks the run Crashed when its worker is
-gone, and creates the next attempt. Two attempts of one shard can at worst both generate it: the commit
-protocol keeps exactly one.
+A worker that dies leaves the task runs it took RUNNING or SCHEDULED for good (Prefect does not redeliver a
+task a worker acknowledged). The parent compares the workers it gave shards to with the server's list of
+live task workers; when one is gone it marks that worker's runs Crashed and gives the shards out again.
+Two attempts of one shard can at worst both generate it: the commit protocol keeps exactly one.
 """
 
 from __future__ import annotations
@@ -57,8 +57,7 @@ POOL_PREFIX = "generate_shard__"  # task keys: generate_shard__POOL__WORKER-code
 SHARDS_PER_WORKER = 2  # one running, one taken off the queue to start next
 DEVICE_ENV = "SDFLOW_DEVICE"  # the device a worker generates on: cpu, cuda, cuda:N
 MAX_ATTEMPTS = 3  # per shard; a shard lost more often than this stops the run
-LOST_WITHOUT_REPORT_S = 120
-DEVICE_LEASE_S = 60  # how long a dead worker's device slot stays taken  # a RUNNING shard run that never reported progress is presumed lost after this
+DEVICE_LEASE_S = 60  # how long a dead worker's device slot stays taken
 
 
 def worker_id() -> str:
