@@ -200,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
         from flows.generate import generate_dataset
 
         if server:
+            from nodes.models import import_model_classes
+
+            import_model_classes()  # while the server boots, not after
             server.join()
 
         manifest = generate_dataset(

@@ -181,6 +181,18 @@ _load_lock = threading.Lock()
 _load_count = [0]
 
 
+def import_model_classes() -> None:
+    """Import the model classes that load_components needs (diffusers and transformers import them lazily,
+    seconds on a CPU): callers with time to spare, such as a process waiting for its Prefect server, call
+    this so that the load itself does not pay for it."""
+    import diffusers
+    import transformers
+
+    for module, names in ((diffusers, ("AutoencoderKL", "UNet2DConditionModel")), (transformers, ("CLIPTextModel", "CLIPTokenizer"))):
+        for name in names:
+            getattr(module, name)  # the lazy import happens here
+
+
 def model_loads() -> int:
     """How many times this process has loaded a model (a warm worker keeps this at one)."""
     return _load_count[0]
