@@ -44,7 +44,7 @@ from prefect.states import Crashed, Scheduled
 from prefect.task_worker import store_parameters
 from prefect.utilities.asyncutils import run_coro_as_sync
 
-from nodes.commit import marker_path, write_shard
+from nodes.commit import read_marker, write_shard
 from nodes.errors import ModelError, SdflowError
 from nodes.ingest import Shard
 from nodes.models import inspect_model, load_components, model_loads, resolve_device, resolve_dtype
@@ -93,7 +93,7 @@ def status_line(worker: str, device, done: int, total: int, seconds: float, fail
 
 def run_shard(request: ShardRequest) -> dict:
     """Worker side: generate one shard on this worker's device and commit it; returns its marker."""
-    from flows.generate import generate_shard_images, shard_failures, software_versions, storage_options_from_env
+    from flows.generate import generate_shard_images, marker_extra, shard_failures, storage_options_from_env
 
     started = time.perf_counter()
     worker = worker_id()
@@ -102,11 +102,9 @@ def run_shard(request: ShardRequest) -> dict:
     report = create_progress_artifact(0.0, description=status_line(worker, device, 0, total, 0.0))
     storage_options = storage_options_from_env()
     fs, root = open_output(request.out, storage_options)
-    marker_file = marker_path(root, request.shard.index)
-    if fs.exists(marker_file):  # committed by an earlier attempt
-        import json
-
-        return {**json.loads(fs.cat_file(marker_file)), "outcome": "already committed"}
+    committed = read_marker(fs, root, request.shard.index)
+    if committed is not None:  # by an earlier attempt: nothing to generate
+        return {**committed, "outcome": "already committed"}
     info = inspect_model(request.model, storage_options)
     if info.fingerprint != request.fingerprint:
         raise ModelError(
@@ -132,9 +130,7 @@ def run_shard(request: ShardRequest) -> dict:
     pngs, failed = generate_shard_images(components, request.rows, run, deque(), on_batch, device_slot)
     seconds = time.perf_counter() - started
     extra = {
-        "batch_size": run.batch_size,
-        "versions": software_versions(),
-        "device": str(device),
+        **marker_extra(run, device),
         "worker": worker,
         "model_loads": model_loads(),
         "seconds": round(seconds, 3),

@@ -23,7 +23,7 @@ from nodes.decode import decode_latents_task
 from nodes.denoise import denoise_task, make_scheduler, scheduler_name
 from nodes.encode import encode_prompts_task
 from nodes.errors import SdflowError
-from nodes.commit import Committed, clean_uncommitted, marker_path, read_committed, write_shard_task
+from nodes.commit import Committed, clean_uncommitted, read_committed, read_marker, write_shard_task
 from nodes.ingest import PromptPlan, iter_shard_rows, make_batches, plan_prompt_table_task, resolve_defaults
 from nodes.latents import make_generators, prepare_latents_task
 from nodes.models import ModelInfo, inspect_model, load_components_task, resolve_device, resolve_dtype
@@ -166,7 +166,6 @@ def generate_dataset(
         storage_options=storage_options,
     )
 
-    written = []
     load_seconds = 0.0
     generation_started = time.time()
     run = RunConfig(scheduler, sampler, batch_size, batches_in_flight, progress, storage_options)
@@ -174,13 +173,13 @@ def generate_dataset(
     if plan.shards and pool:
         requests = shard_requests(plan, defaults, info, run, out, model, dtype)
         fan_out(requests, pool, report.committed)
-        written = report.markers
     elif plan.shards:
         components = load_components_task(info, torch_device, torch_dtype, allow_pickle)
         load_seconds = components.load_seconds
         generation_started = time.time()
-        written = generate_shards(components, plan, defaults, run, fs, root, report.committed)
+        generate_shards(components, plan, defaults, run, fs, root, report.committed)
     report.publish()
+    written = report.markers  # the markers this run committed
 
     finished = time.time()
     generated = sum(m["rows"] for m in written)
@@ -275,19 +274,23 @@ def shard_failures(rows: list[Row], keys, failed: dict[int, str]) -> list[dict]:
     ]
 
 
+def marker_extra(run: RunConfig, device) -> dict:
+    """What a shard's marker records about how it was made, beyond its rows."""
+    return {"batch_size": run.batch_size, "versions": software_versions(), "device": str(device)}
+
+
 def generate_shards(
-    components, plan: PromptPlan, defaults: GenerationDefaults, run: RunConfig, fs, root: str, on_committed=None
-) -> list[dict]:
-    """Generate and commit the planned shards in this process; returns the markers this run wrote.
+    components, plan: PromptPlan, defaults: GenerationDefaults, run: RunConfig, fs, root: str, on_committed
+) -> None:
+    """Generate and commit the planned shards in this process; `on_committed(marker)` as each commits.
 
     One shard may be committing while the next is generated, so memory stays flat.
     """
     info = components.info
-    extra = {"batch_size": run.batch_size, "versions": software_versions(), "device": str(components.device)}
+    extra = marker_extra(run, components.device)
     bar = tqdm(total=plan.rows_to_generate, unit="img", disable=not run.progress, desc="generating")
     encoding = deque()
     writing = deque()
-    written = []
     for shard, rows, carried, keys in iter_shard_rows(plan, defaults, info.size_multiple, run.storage_options):
         pngs, failed = generate_shard_images(components, rows, run, encoding, on_batch=lambda batch, failed: bar.update(len(batch)))
         writing.append(
@@ -296,15 +299,10 @@ def generate_shards(
             )
         )
         while len(writing) > 1:
-            written.append(writing.popleft().result())
-            if on_committed:
-                on_committed(written[-1])
+            on_committed(writing.popleft().result())
     for w in writing:
-        written.append(w.result())
-        if on_committed:
-            on_committed(written[-1])
+        on_committed(w.result())
     bar.close()
-    return written
 
 
 def shard_requests(plan: PromptPlan, defaults: GenerationDefaults, info: ModelInfo, run: RunConfig, out: str, model, dtype):
@@ -331,7 +329,7 @@ class ShardReport:
         """Record a committed shard: a marker (in-process runs), or a Shard whose marker a worker wrote."""
         marker = shard_or_marker
         if not isinstance(marker, dict):
-            marker = json.loads(self.fs.cat_file(marker_path(self.root, shard_or_marker.index)))
+            marker = read_marker(self.fs, self.root, shard_or_marker.index)
         self.markers.append(marker)
         update_progress_artifact(self.progress, 100.0 * len(self.markers) / self.total, self._line())
 

@@ -97,6 +97,14 @@ def read_committed(fs: fsspec.AbstractFileSystem, root: str) -> Committed:
     return Committed(tuple(markers), np.array(keys, dtype=np.uint64))
 
 
+def read_marker(fs: fsspec.AbstractFileSystem, root: str, index: int) -> dict | None:
+    """Shard `index`'s marker, or None while the shard is not committed."""
+    try:
+        return json.loads(fs.cat_file(marker_path(root, index)))
+    except FileNotFoundError:
+        return None
+
+
 def shard_marker(index: int, table: pa.Table, keys: np.ndarray, failed: list[dict], extra: dict) -> dict:
     """The marker of a shard: which rows it holds (keys, ids, seeds), their PNG hashes, and what failed."""
     images = table.column("image").combine_chunks().field("bytes").to_pylist() if table.num_rows else []
@@ -124,8 +132,8 @@ def commit_shard(fs: fsspec.AbstractFileSystem, root: str, table: pa.Table, mark
     """
     index = marker["shard"]
     path = marker_path(root, index)
-    if fs.exists(path):
-        existing = json.loads(fs.cat_file(path))
+    existing = read_marker(fs, root, index)
+    if existing is not None:
         if _same_rows(existing, marker):
             return "already committed"
         raise StorageError(f"shard {index} of {root} is already committed with other rows; this attempt wrote nothing.")
@@ -136,7 +144,7 @@ def commit_shard(fs: fsspec.AbstractFileSystem, root: str, table: pa.Table, mark
     crash_point("before-marker")
     if create_only(fs, path, (json.dumps(marker, indent=1, default=str) + "\n").encode()):
         return "committed"
-    if _same_rows(json.loads(fs.cat_file(path)), marker):
+    if _same_rows(read_marker(fs, root, index), marker):
         return "already committed"
     raise StorageError(f"shard {index} of {root} was committed by another attempt with other rows at the same time.")
 

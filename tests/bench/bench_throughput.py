@@ -383,10 +383,15 @@ def main(argv=None) -> None:
             compare = compare_images(work / "out" / f"sdflow-{last}", work / "out" / f"baseline-{last}")
         report(args, setup, runs, warmups, compare, warning)
     finally:
-        if args.keep or args.workdir:
-            print(f"\nkept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        close_workdir(args, work)
+
+
+def close_workdir(args: argparse.Namespace, work: Path) -> None:
+    """Keep the work folder when asked to (--keep, or a --workdir of the user's), else delete it."""
+    if args.keep or args.workdir:
+        print(f"\nkept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

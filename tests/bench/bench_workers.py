@@ -55,7 +55,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))  # nodes.toymodel, also when the package is not installed
 sys.path.insert(0, str(HERE))
 
-from bench_throughput import COMMON_ENV, build_model, write_prompt_table  # noqa: E402  (SIZES['medium'])
+from bench_throughput import COMMON_ENV, build_model, close_workdir, write_prompt_table  # noqa: E402  (SIZES['medium'])
 
 POOL = "bench"
 
@@ -689,10 +689,7 @@ def main(argv=None) -> None:
         procs.stop_all()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if args.keep or args.workdir:
-            print(f"\nkept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        close_workdir(args, work)
 
 
 if __name__ == "__main__":
