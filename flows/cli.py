@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate one image per row of a prompt table")
     gen.add_argument("prompts", help="Parquet prompt table: local path or fsspec URL (s3://...); 'example' for the bundled one")
     gen.add_argument("out", help="output dataset folder: local path or fsspec URL")
-    gen.add_argument("--model", help="diffusers-format folder, fsspec URL or hub id (default: sdflow:tiny-random)")
+    gen.add_argument("--model", help="diffusers-format folder, fsspec URL or hub id (default: sdflow:shapes, the embedded model)")
     gen.add_argument("--scheduler", help="ddim, pndm, lms, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras, unipc (default: the model's own)")
     gen.add_argument("--steps", type=int, help="denoising steps (default: the model's, else 50)")
     gen.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it (default: the model's, else 7.5)")
@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--allow-pickle", action="store_true", help="also load pickle checkpoints (.bin); they can run code")
     gen.add_argument("--storage-options", help="JSON fsspec storage options (credentials, endpoint); never logged")
     gen.add_argument("--pool", help="run shards on the workers serving this pool (`sdflow worker --pool NAME`) instead of here")
+
+    judge = commands.add_parser("evaluate", help="score a generated dataset of the shapes domain against its prompts")
+    judge.add_argument("out", help="dataset folder written by `sdflow generate`: local path or fsspec URL")
+    judge.add_argument("--model", help="model whose clip/ gives the CLIP scores (default: the embedded model)")
+    judge.add_argument("--sheet-rows", type=int, default=32, help="images on the contact sheet (default: 32)")
+    judge.add_argument("--storage-options", help="JSON fsspec storage options (credentials, endpoint); never logged")
 
     work = commands.add_parser("worker", help="serve a pool's shards on one device, keeping the model loaded (needs PREFECT_API_URL)")
     work.add_argument("--pool", required=True, help="the pool to serve, as given to `sdflow generate --pool`")
@@ -114,6 +120,11 @@ def start_temporary_server() -> threading.Thread | None:
 
     if PREFECT_API_URL.value():  # a running server: nothing to boot
         return None
+    # The temporary server lives for this one run and serves no UI, so nothing can subscribe to its event
+    # stream, and automations cannot act within its lifetime: its consumers for those (the event distributor,
+    # triggers and actions) would only take CPU from the U-Net. Events are still stored, task runs recorded.
+    for name in ("PREFECT_SERVER_EVENTS_STREAM_OUT_ENABLED", "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED"):
+        os.environ.setdefault(name, "false")
 
     def boot() -> None:
         from prefect.server.api.server import SubprocessASGIServer
@@ -177,6 +188,16 @@ def summary(manifest: dict, out: str) -> str:
     return text
 
 
+def evaluation_summary(result: dict, out: str) -> str:
+    from nodes.evaluate import summary_markdown
+
+    text = f"sdflow: scored {result['rows']} images of {out} in {result['seconds']:.1f} s"
+    if result["out_of_domain"]:
+        text += f" ({result['out_of_domain']} prompt(s) outside the shapes domain were judged but not scored)"
+    text += f"; scores in {out}/evaluation/, contact sheet {out}/evaluation/contact_sheet.png.\n"
+    return text + summary_markdown(result["summary"]).rstrip()
+
+
 def main(argv: list[str] | None = None) -> int:
     environment = dict(os.environ)
     try:
@@ -197,34 +218,15 @@ def run(args: argparse.Namespace) -> int:
     quiet = QuietConsole() if not args.verbose else None
     server = start_temporary_server()
     try:
-        from flows.generate import generate_dataset
+        if args.command == "evaluate":
+            from flows.evaluate import evaluate_dataset
 
-        if server:
-            from nodes.models import import_model_classes
-
-            import_model_classes()  # while the server boots, not after
-            server.join()
-
-        manifest = generate_dataset(
-            prompts=example_prompts() if args.prompts == "example" else args.prompts,
-            out=args.out,
-            model=args.model,
-            scheduler=args.scheduler,
-            steps=args.steps,
-            guidance=args.guidance,
-            width=args.width,
-            height=args.height,
-            negative_prompt=args.negative_prompt,
-            batch_size=args.batch_size,
-            shard_size=args.shard_size,
-            seed=args.seed,
-            device=args.device,
-            dtype=args.dtype,
-            skip_invalid=args.skip_invalid,
-            allow_pickle=args.allow_pickle,
-            pool=args.pool,
-            progress=sys.stderr.isatty() or args.verbose,
-        )
+            if server:
+                server.join()
+            result = evaluate_dataset(out=args.out, model=args.model, sheet_rows=args.sheet_rows)
+            message = evaluation_summary(result, args.out)
+        else:
+            message = summary(generate(args, server), args.out)
     except SdflowError as e:
         if args.verbose:
             raise
@@ -238,8 +240,38 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if quiet:
             quiet.close()
-    print(summary(manifest, args.out), file=sys.stderr)
+    print(message, file=sys.stderr)
     return 0
+
+
+def generate(args: argparse.Namespace, server: threading.Thread | None) -> dict:
+    from flows.generate import generate_dataset
+
+    if server:
+        from nodes.models import import_model_classes
+
+        import_model_classes()  # while the server boots, not after
+        server.join()
+    return generate_dataset(
+        prompts=example_prompts() if args.prompts == "example" else args.prompts,
+        out=args.out,
+        model=args.model,
+        scheduler=args.scheduler,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+        negative_prompt=args.negative_prompt,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        skip_invalid=args.skip_invalid,
+        allow_pickle=args.allow_pickle,
+        pool=args.pool,
+        progress=sys.stderr.isatty() or args.verbose,
+    )
 
 
 def entry() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 import os
@@ -15,7 +17,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 from prefect import flow
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from PIL import Image
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from tqdm.auto import tqdm
 
 from flows.fanout import ShardRequest, fan_out, used_shard_indices
@@ -23,16 +31,19 @@ from nodes.decode import decode_latents_task
 from nodes.denoise import denoise_task, make_scheduler, scheduler_name
 from nodes.encode import encode_prompts_task
 from nodes.errors import SdflowError
+from nodes.sheet import contact_sheet, png_bytes
 from nodes.commit import Committed, clean_uncommitted, read_committed, read_marker, write_shard_task
 from nodes.ingest import PromptPlan, iter_shard_rows, make_batches, plan_prompt_table_task, resolve_defaults
 from nodes.latents import make_generators, prepare_latents_task
 from nodes.models import ModelInfo, inspect_model, load_components_task, resolve_device, resolve_dtype
 from nodes.params import GenerationDefaults, Row, RunConfig
-from nodes.store import encode_pngs_task, open_output, write_manifest
+from nodes.store import encode_pngs_task, open_output, read_dataset_file, write_file, write_manifest
 
 log = logging.getLogger("sdflow")
 
 STORAGE_OPTIONS_ENV = "SDFLOW_STORAGE_OPTIONS"  # JSON fsspec options; kept out of flow parameters (secrets)
+SHEET_ROWS = 32  # images on a contact sheet: the dataset's first rows
+CONTACT_SHEET = "contact_sheet.png"  # under OUT
 
 
 def package_version(name: str) -> str:
@@ -109,6 +120,28 @@ def software_versions() -> dict:
         "python": platform.python_version(),
         **{p: package_version(p) for p in ("sdflow", "torch", "diffusers", "transformers", "prefect", "pyarrow")},
     }
+
+
+def first_images(fs, root: str, markers, count: int) -> tuple[list[Image.Image], list[str]]:
+    """The images and prompts of the dataset's first `count` rows (committed shards in index order)."""
+    images, prompts = [], []
+    for marker in markers:
+        if len(images) >= count:
+            break
+        if marker["file"]:
+            table = read_dataset_file(fs, root, marker["file"], ["image", "prompt"]).slice(0, count - len(images))
+            images += [Image.open(io.BytesIO(png["bytes"])) for png in table.column("image").to_pylist()]
+            prompts += table.column("prompt").to_pylist()
+    return images, prompts
+
+
+def publish_contact_sheet(fs, path: str, sheet: Image.Image, key: str, header: str) -> None:
+    """Write the contact sheet to `path` and publish it, embedded, in a markdown artifact under `header`."""
+    data = png_bytes(sheet)
+    write_file(fs, path, data)
+    embedded = base64.b64encode(data).decode()
+    markdown = f"{header}\n![contact sheet](data:image/png;base64,{embedded})\n\nFull size: `{fs.unstrip_protocol(path)}`\n"
+    create_markdown_artifact(markdown, key=key, description="contact sheet")
 
 
 @flow(name="generate-dataset")
@@ -196,6 +229,11 @@ def generate_dataset(
     manifest = build_manifest(
         parameters, defaults, info, str(torch_device), str(torch_dtype).removeprefix("torch."), plan, committed, written, timings
     )
+    if committed.files:
+        images, captions = first_images(fs, root, committed.markers, SHEET_ROWS)
+        header = f"# {out}\n\n{manifest['rows']['in_dataset']} images; the first {len(images)}:\n"
+        publish_contact_sheet(fs, f"{root}/{CONTACT_SHEET}", contact_sheet(images, captions), "sdflow-contact-sheet", header)
+        manifest["contact_sheet"] = CONTACT_SHEET
     write_manifest(fs, root, manifest)
     return manifest
 

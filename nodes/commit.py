@@ -14,7 +14,6 @@ hashes agree, reports success.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from dataclasses import dataclass, field
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from prefect import task
@@ -32,9 +30,9 @@ from nodes.errors import TASK_RETRIES, StorageError
 from nodes.faults import crash_point
 from nodes.params import Row
 from nodes.store import (
-    ROW_GROUP_ROWS,
     SHARD_FILE,
     is_temporary,
+    parquet_bytes,
     shard_path,
     shard_table,
     write_file,
@@ -138,9 +136,7 @@ def commit_shard(fs: fsspec.AbstractFileSystem, root: str, table: pa.Table, mark
             return "already committed"
         raise StorageError(f"shard {index} of {root} is already committed with other rows; this attempt wrote nothing.")
     if table.num_rows:
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, row_group_size=ROW_GROUP_ROWS)
-        write_file(fs, shard_path(root, index), buffer.getvalue())
+        write_file(fs, shard_path(root, index), parquet_bytes(table))
     crash_point("before-marker")
     if create_only(fs, path, (json.dumps(marker, indent=1, default=str) + "\n").encode()):
         return "committed"

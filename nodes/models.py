@@ -27,8 +27,10 @@ from nodes.errors import ModelError
 log = logging.getLogger("sdflow")
 
 # Models that ship inside the package, by the name a user passes to --model.
-BUILTIN_MODELS = {"sdflow:tiny-random": "tiny-random"}
-DEFAULT_MODEL = "sdflow:tiny-random"
+# sdflow:shapes is a toy Stable Diffusion trained by `python -m flows.train` on the shapes domain (nodes.shapes);
+# sdflow:tiny-random has the same kind of components with random weights (nodes.toymodel), for plumbing tests.
+BUILTIN_MODELS = {"sdflow:shapes": "shapes", "sdflow:tiny-random": "tiny-random"}
+DEFAULT_MODEL = "sdflow:shapes"
 
 # Generation defaults where the model says nothing (diffusers' StableDiffusionPipeline defaults).
 FALLBACK_STEPS = 50

@@ -239,3 +239,13 @@ def make_examples(n: int, seed: int, split: str = "train") -> tuple[np.ndarray, 
         images[i] = render(scene, rng)
         captions.append(caption(scene, rng))
     return images, captions, scenes
+
+
+def prompt_rows(n: int, seed: int, split: str = "all") -> list[dict]:
+    """A prompt table of `n` rows for sdflow (id, prompt) with each row's scene as carried columns (colour, shape,
+    position, size): the same for the same (n, seed, split), drawn apart from training's by `seed`."""
+    scenes = sample_scenes(n, seed, split)
+    rng = np.random.default_rng([seed, _SPLIT_CODES[split], 2])
+    return [
+        {"id": f"{split}-{i:05d}", "prompt": caption(scene, rng), **vars(scene)} for i, scene in enumerate(scenes)
+    ]

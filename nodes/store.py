@@ -17,6 +17,7 @@ import uuid
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, PngImagePlugin
 from prefect import task
@@ -204,6 +205,19 @@ def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes, crash: str
             fs.pipe_file(path, data)
         except OSError as e:  # missing bucket, permission denied, a store error: name the file
             raise StorageError(f"{fs.unstrip_protocol(path)} cannot be written: {type(e).__name__}: {e}") from None
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A whole Parquet file of `table`, in row groups of ROW_GROUP_ROWS."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=ROW_GROUP_ROWS)
+    return buffer.getvalue()
+
+
+def read_dataset_file(fs: fsspec.AbstractFileSystem, root: str, file: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file of a dataset (`file` relative to its root, as markers name it), or the named columns."""
+    with fs.open(f"{root}/{file}", "rb") as f:
+        return pq.read_table(f, columns=columns)
 
 
 def shard_path(root: str, index: int) -> str:

@@ -25,7 +25,9 @@ from nodes import shapes
 from nodes.toymodel import SD_SCHEDULER_CONFIG, TOY_WORDS, toy_tokenizer_files
 
 # The U-Net learns to denoise along SD v1.5's scaled-linear schedule, and the saved sampler walks it.
-SCHEDULER_CONFIG = SD_SCHEDULER_CONFIG
+# Stable Diffusion v1's noise schedule and timestep spacing ("leading", what its PNDM config implies), for
+# whichever sampler class the model is saved with.
+SCHEDULER_CONFIG = {**SD_SCHEDULER_CONFIG, "timestep_spacing": "leading"}
 MAX_TOKENS = 77  # CLIP's context, as in SD: the pipeline pads every prompt to it
 MIN_LR_FRACTION = 0.1  # cosine decay ends at this fraction of the peak learning rate
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its temperature so logits stay below 100

@@ -1,0 +1,58 @@
+"""The embedded model follows its prompts: the judge's accuracy on prompts drawn apart from training.
+
+tests/bench/bench_quality.py prints the same figures for every sampler and for guidance 1.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flows.evaluate import evaluate_dataset
+from flows.generate import generate_dataset
+from nodes.shapes import prompt_rows
+
+EVAL_SEED = 2026  # training draws its examples from derived seeds; these prompts come from another stream
+
+
+def accuracy(out, **settings) -> dict:
+    generate_dataset(batch_size=16, shard_size=512, out=str(out), **settings)
+    evaluate_dataset(out=str(out))
+    scores = pd.read_parquet(out / "evaluation").drop(columns=["image"])
+    held = scores[scores["combination"] == "held-out"]
+    result = {a: scores[f"{a}_ok"].astype(bool).mean() for a in ("colour", "shape", "position", "all")}
+    result["held_out_pair"] = (held["colour_ok"].astype(bool) & held["shape_ok"].astype(bool)).mean()
+    result["held_out_rows"] = len(held)
+    return result
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> str:
+    rows = prompt_rows(160, EVAL_SEED, "all") + prompt_rows(80, EVAL_SEED, "held_out")
+    path = tmp_path_factory.mktemp("quality") / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def test_default_settings_meet_the_targets(prefect_api, prompts, tmp_path):
+    result = accuracy(tmp_path / "default", prompts=prompts)
+    assert result["held_out_rows"] >= 80
+    assert result["colour"] >= 0.95 and result["shape"] >= 0.90 and result["position"] >= 0.90, result
+    assert result["held_out_pair"] >= 0.80, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler,steps", [("ddim", 50), ("euler", 30), ("euler_a", 30), ("dpmpp_2m", 20), ("unipc", 20)])
+def test_samplers_at_their_usual_steps_meet_the_targets(prefect_api, prompts, tmp_path, scheduler, steps):
+    result = accuracy(tmp_path / scheduler, prompts=prompts, scheduler=scheduler, steps=steps)
+    assert result["colour"] >= 0.95 and result["shape"] >= 0.90 and result["position"] >= 0.90, result
+    assert result["held_out_pair"] >= 0.80, result
+
+
+@pytest.mark.slow
+def test_guidance_is_what_makes_images_follow_prompts(prefect_api, prompts, tmp_path):
+    guided = accuracy(tmp_path / "guided", prompts=prompts)
+    unguided = accuracy(tmp_path / "unguided", prompts=prompts, guidance=1.0)
+    assert unguided["all"] < guided["all"] - 0.05, (guided, unguided)
