@@ -1,9 +1,9 @@
 """The evaluation flow: score a generated dataset of the shapes domain against its prompts.
 
 Reads OUT's committed shards one at a time and writes, beside them:
-    OUT/evaluation/part-NNNNN.parquet   per data shard: image, id, prompt and the row's scores (a dataset too)
-    OUT/evaluation/summary.json         accuracy per attribute for seen and held-out combinations, mean CLIP score
-    OUT/evaluation/contact_sheet.png    the first rows' images with their prompts, framed green (all correct) or red
+    OUT/evaluation/data/part-NNNNN.parquet  per data shard: image, id, prompt and the row's scores (a dataset too)
+    OUT/evaluation/summary.json             accuracy per attribute for seen and held-out combinations, mean CLIP score
+    OUT/evaluation/contact_sheet.png        the first rows' images with their prompts, framed green (all correct) or red
 and publishes the summary as Prefect artifacts. Running it again rewrites all three.
 """
 
@@ -64,7 +64,7 @@ def evaluate_dataset(out: str, model: str | None = None, sheet_rows: int = SHEET
     frames, sheet = [], {"images": [], "captions": [], "marks": []}
     for marker in markers:
         scored = score_shard_task(read_dataset_file(fs, root, marker["file"]), scorer)
-        write_file(fs, f"{root}/{EVALUATION}/{marker['file'].rsplit('/', 1)[-1]}", parquet_bytes(scored))
+        write_file(fs, f"{root}/{EVALUATION}/{marker['file']}", parquet_bytes(scored))  # data/part-NNNNN.parquet
         frame = scored.drop_columns(["image"]).to_pandas()
         frames.append(frame)
         take = min(sheet_rows - len(sheet["images"]), scored.num_rows)

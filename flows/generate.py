@@ -91,6 +91,7 @@ def build_manifest(
             "height": defaults.height,
             "negative_prompt": defaults.negative_prompt,
             "seed": defaults.seed,
+            "model": info.ref,
             "model_fingerprint": info.fingerprint,
             "device": device,
             "dtype": dtype,

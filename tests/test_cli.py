@@ -157,7 +157,9 @@ def test_ids_cannot_steer_where_files_go(prefect_api, tiny_model, tmp_path, caps
     assert code == 0, err
     assert sorted(pq.read_table(tmp_path / "out" / "data").column("id").to_pylist()) == sorted(ids)
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert written == ["out/_shards/00000.json", "out/data/part-00000.parquet", "out/manifest.json", "t.parquet"]
+    assert written == [
+        "out/_shards/00000.json", "out/contact_sheet.png", "out/data/part-00000.parquet", "out/manifest.json", "t.parquet"
+    ]
 
 
 def test_summary_says_what_a_rerun_did(prefect_api, tiny_model, tmp_path, capsys):

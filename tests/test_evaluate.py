@@ -108,7 +108,7 @@ def test_generate_then_evaluate_with_the_embedded_model(prefect_api, tmp_path, c
     out = tmp_path / "out"
     assert main(["generate", "example", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"]["ref"] == DEFAULT_MODEL and manifest["contact_sheet"] == "contact_sheet.png"
+    assert manifest["resolved"]["model"] == DEFAULT_MODEL and manifest["contact_sheet"] == "contact_sheet.png"
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width > 8 * TILE and sheet.height > 3 * TILE  # 24 images: 8 columns, 3 rows
 
@@ -118,7 +118,7 @@ def test_generate_then_evaluate_with_the_embedded_model(prefect_api, tmp_path, c
     assert "scored 24 images" in said and "| all | 24 |" in said
     from datasets import load_dataset
 
-    scored = load_dataset("parquet", data_files=str(out / "evaluation" / "*.parquet"), split="train")
+    scored = load_dataset("parquet", data_files=str(out / "evaluation" / "data" / "*.parquet"), split="train")
     assert scored[0]["image"].size == (64, 64)
     assert {"id", "prompt", "judged_colour", "colour_ok", "all_ok", "combination", "clip_score"} <= set(scored.column_names)
     data = pq.read_table(out / "data").to_pandas()
@@ -147,7 +147,7 @@ def test_generate_then_evaluate_with_the_embedded_model(prefect_api, tmp_path, c
 def test_evaluate_refuses_what_it_cannot_score(prefect_api, tiny_model, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["evaluate", str(tmp_path / "empty")]) == 2
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())  # the message is wrapped to the terminal
     assert "holds no generated images" in err and "Traceback" not in err
 
     out = tmp_path / "out"
@@ -155,6 +155,6 @@ def test_evaluate_refuses_what_it_cannot_score(prefect_api, tiny_model, tmp_path
     assert main(["generate", prompts, str(out), "--model", tiny_model]) == 0
     capsys.readouterr()
     assert main(["evaluate", str(out), "--model", tiny_model]) == 2
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
     assert "has no clip/ folder" in err and "Traceback" not in err
     assert not (out / "evaluation").exists()

@@ -40,6 +40,7 @@ def assert_consistent(out: Path) -> dict:
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     listed = sorted(
         ["manifest.json"]
+        + ([manifest["contact_sheet"]] if manifest["shards"] else [])
         + [s["file"] for s in manifest["shards"]]
         + [f"_shards/{s['shard']:05d}.json" for s in manifest["shards"]]
     )

@@ -181,7 +181,7 @@ def test_s3_input_and_output_match_a_local_run(s3, s3_prompts, local_reference, 
     assert [s["rows"] for s in manifest["shards"]] == [SHARD_SIZE, SHARD_SIZE]
     # Exactly the shards, their markers and the manifest: no temporary or stray objects beside them.
     assert sorted(s3.find(f"{BUCKET}/out")) == sorted(
-        [f"{BUCKET}/out/manifest.json"]
+        [f"{BUCKET}/out/manifest.json", f"{BUCKET}/out/{manifest['contact_sheet']}"]
         + [f"{BUCKET}/out/{s['file']}" for s in manifest["shards"]]
         + [f"{BUCKET}/out/_shards/{s['shard']:05d}.json" for s in manifest["shards"]]
     )
@@ -353,7 +353,7 @@ def test_sigkill_then_rerun_on_s3(s3, s3_env, prefect_api, tiny_model, reference
     manifest = json.loads(s3.cat_file(f"{BUCKET}/resume/manifest.json"))
     assert manifest["rows"]["generated"] == len(RESUME_ROWS) - committed_rows
     assert sorted(s3.find(f"{BUCKET}/resume")) == sorted(
-        [f"{BUCKET}/resume/manifest.json"]
+        [f"{BUCKET}/resume/manifest.json", f"{BUCKET}/resume/{manifest['contact_sheet']}"]
         + [f"{BUCKET}/resume/{s['file']}" for s in manifest["shards"]]
         + [f"{BUCKET}/resume/_shards/{s['shard']:05d}.json" for s in manifest["shards"]]
     )
@@ -400,7 +400,7 @@ def test_credentials_appear_in_no_output_log_or_parameter(s3, s3_env, prefect_ap
     assert sentinel not in run.stdout + run.stderr
     s3.invalidate_cache()
     objects = s3.find(f"{BUCKET}/secret-out")
-    assert len(objects) == 3  # manifest, one shard, its marker
+    assert len(objects) == 4  # manifest, one shard, its marker, the contact sheet
     for key in objects:
         assert sentinel.encode() not in s3.cat_file(key), key
     with get_client(sync_client=True) as client:

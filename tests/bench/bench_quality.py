@@ -35,6 +35,7 @@ CONFIGS: dict[str, tuple[str | None, int | None, float | None]] = {
     "guidance1": (None, None, 1.0),
     "ddim": ("ddim", 50, None),
     "pndm": ("pndm", 50, None),
+    "pndm20": ("pndm", 20, None),
     "euler": ("euler", 30, None),
     "euler_a": ("euler_a", 30, None),
     "heun": ("heun", 20, None),
@@ -91,7 +92,7 @@ def main() -> None:
                                     steps=steps, guidance=guidance, batch_size=args.batch_size, shard_size=len(rows))
         generated = time.perf_counter() - started
         evaluate_dataset(out=str(out), model=args.model)
-        scores = pd.read_parquet(out / "evaluation", columns=None).drop(columns=["image"])
+        scores = pd.read_parquet(out / "evaluation" / "data").drop(columns=["image"])
         every = {a: float(scores[f"{a}_ok"].astype(bool).mean()) for a in ("colour", "shape", "position", "size", "all")}
         held = scores[scores["combination"] == "held-out"]
         result = {
