@@ -9,14 +9,13 @@ and publishes the summary as Prefect artifacts. Running it again rewrites all th
 
 from __future__ import annotations
 
-import io
 import json
 import time
 
 import pandas as pd
 import pyarrow as pa
-from PIL import Image
 from prefect import flow, task
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.generate import SHEET_ROWS, publish_contact_sheet, storage_options_from_env
@@ -25,7 +24,7 @@ from nodes.errors import SdflowError
 from nodes.evaluate import ClipScorer, judge_rows, summarize, summary_markdown
 from nodes.sheet import contact_sheet
 from nodes.models import inspect_model
-from nodes.store import huggingface_metadata, open_output, parquet_bytes, read_dataset_file, write_file
+from nodes.store import decode_images, huggingface_metadata, open_output, parquet_bytes, read_dataset_file, write_file
 
 EVALUATION = "evaluation"  # folder under OUT
 CLIP_BATCH = 256  # images per CLIP forward pass
@@ -34,7 +33,7 @@ CLIP_BATCH = 256  # images per CLIP forward pass
 @task(name="score-shard", cache_policy=NO_CACHE, persist_result=False)
 def score_shard_task(table: pa.Table, scorer: ClipScorer) -> pa.Table:
     """A data shard's image, id and prompt with the judge's columns and the CLIP score."""
-    images = [Image.open(io.BytesIO(b)) for b in table.column("image").combine_chunks().field("bytes").to_pylist()]
+    images = decode_images(table.column("image"))
     prompts = table.column("prompt").to_pylist()
     scores = judge_rows(images, prompts)
     scores["clip_score"] = [
@@ -42,8 +41,9 @@ def score_shard_task(table: pa.Table, scorer: ClipScorer) -> pa.Table:
         for s in scorer(images[start:start + CLIP_BATCH], prompts[start:start + CLIP_BATCH])
     ]
     scored = table.select(["image", "id", "prompt"])
-    for name, column in pa.Table.from_pandas(scores, preserve_index=False).to_pydict().items():
-        scored = scored.append_column(name, pa.array(column))
+    columns = pa.Table.from_pandas(scores, preserve_index=False)
+    for name in columns.column_names:
+        scored = scored.append_column(name, columns.column(name))
     return scored.replace_schema_metadata(huggingface_metadata(scored.schema))
 
 
@@ -59,7 +59,8 @@ def evaluate_dataset(out: str, model: str | None = None, sheet_rows: int = SHEET
     markers = [m for m in read_committed(fs, root).markers if m["file"]]
     if not markers:
         raise SdflowError(f"{out} holds no generated images (no committed shards under {out}/_shards); run `sdflow generate` first.")
-    scorer = ClipScorer(inspect_model(model, storage_options).source)
+    info = inspect_model(model, storage_options)
+    scorer = ClipScorer(info.source)
 
     frames, sheet = [], {"images": [], "captions": [], "marks": []}
     for marker in markers:
@@ -68,10 +69,9 @@ def evaluate_dataset(out: str, model: str | None = None, sheet_rows: int = SHEET
         frame = scored.drop_columns(["image"]).to_pandas()
         frames.append(frame)
         take = min(sheet_rows - len(sheet["images"]), scored.num_rows)
-        for png, prompt, ok in zip(scored.column("image").to_pylist()[:take], frame["prompt"][:take], frame["all_ok"][:take]):
-            sheet["images"].append(Image.open(io.BytesIO(png["bytes"])))
-            sheet["captions"].append(prompt)
-            sheet["marks"].append(None if pd.isna(ok) else bool(ok))  # <NA>: the prompt is out of the domain
+        sheet["images"] += decode_images(scored.column("image").slice(0, take))
+        sheet["captions"] += list(frame["prompt"][:take])
+        sheet["marks"] += [None if pd.isna(ok) else bool(ok) for ok in frame["all_ok"][:take]]  # <NA>: out of the domain
 
     scores = pd.concat(frames, ignore_index=True)
     summary = summarize(scores)
@@ -79,7 +79,7 @@ def evaluate_dataset(out: str, model: str | None = None, sheet_rows: int = SHEET
         "summary": summary,
         "rows": int(len(scores)),
         "out_of_domain": int(scores["combination"].isna().sum()),
-        "model": model or inspect_model(None).ref,
+        "model": info.ref,
         "seconds": round(time.time() - started, 3),
     }
     write_file(fs, f"{root}/{EVALUATION}/summary.json", (json.dumps(result, indent=2) + "\n").encode())
@@ -87,7 +87,5 @@ def evaluate_dataset(out: str, model: str | None = None, sheet_rows: int = SHEET
         fs, f"{root}/{EVALUATION}/contact_sheet.png", contact_sheet(**sheet), "sdflow-evaluation-sheet",
         f"# Evaluation of {out}\n\n{summary_markdown(summary)}\nGreen frame: the judge read every attribute the prompt asks for.\n",
     )
-    from prefect.artifacts import create_table_artifact
-
     create_table_artifact(summary, key="sdflow-evaluation", description=f"judge accuracy and CLIP score, {len(scores)} rows of {out}")
     return result

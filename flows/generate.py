@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from nodes.ingest import PromptPlan, iter_shard_rows, make_batches, plan_prompt_
 from nodes.latents import make_generators, prepare_latents_task
 from nodes.models import ModelInfo, inspect_model, load_components_task, resolve_device, resolve_dtype
 from nodes.params import GenerationDefaults, Row, RunConfig
-from nodes.store import encode_pngs_task, open_output, read_dataset_file, write_file, write_manifest
+from nodes.store import decode_images, encode_pngs_task, open_output, read_dataset_file, write_file, write_manifest
 
 log = logging.getLogger("sdflow")
 
@@ -131,7 +130,7 @@ def first_images(fs, root: str, markers, count: int) -> tuple[list[Image.Image],
             break
         if marker["file"]:
             table = read_dataset_file(fs, root, marker["file"], ["image", "prompt"]).slice(0, count - len(images))
-            images += [Image.open(io.BytesIO(png["bytes"])) for png in table.column("image").to_pylist()]
+            images += decode_images(table.column("image"))
             prompts += table.column("prompt").to_pylist()
     return images, prompts
 

@@ -110,6 +110,12 @@ def summarize(scores: pd.DataFrame) -> list[dict]:
     return summary
 
 
+def held_out_pair_accuracy(scores: pd.DataFrame) -> float:
+    """Share of rows on held-out colour-shape pairs whose colour and shape are both judged right (NaN if none)."""
+    held = scores[scores["combination"] == "held-out"]
+    return float((held["colour_ok"].astype(bool) & held["shape_ok"].astype(bool)).mean())
+
+
 def summary_markdown(summary: list[dict]) -> str:
     """The summary as a markdown table, accuracies in percent."""
     if not summary:

@@ -220,6 +220,11 @@ def read_dataset_file(fs: fsspec.AbstractFileSystem, root: str, file: str, colum
         return pq.read_table(f, columns=columns)
 
 
+def decode_images(column: pa.ChunkedArray | pa.Array) -> list[Image.Image]:
+    """The PIL images of an `image` column (structs of PNG bytes and path), lazily decoded."""
+    return [Image.open(io.BytesIO(png)) for png in pa.chunked_array([column]).combine_chunks().field("bytes").to_pylist()]
+
+
 def shard_path(root: str, index: int) -> str:
     return f"{root}/data/part-{index:05d}.parquet"
 

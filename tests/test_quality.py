@@ -12,6 +12,7 @@ import pytest
 
 from flows.evaluate import evaluate_dataset
 from flows.generate import generate_dataset
+from nodes.evaluate import held_out_pair_accuracy, summarize
 from nodes.shapes import prompt_rows
 
 EVAL_SEED = 2026  # training draws its examples from derived seeds; these prompts come from another stream
@@ -21,10 +22,9 @@ def accuracy(out, **settings) -> dict:
     generate_dataset(batch_size=16, shard_size=512, out=str(out), **settings)
     evaluate_dataset(out=str(out))
     scores = pd.read_parquet(out / "evaluation" / "data").drop(columns=["image"])
-    held = scores[scores["combination"] == "held-out"]
-    result = {a: scores[f"{a}_ok"].astype(bool).mean() for a in ("colour", "shape", "position", "all")}
-    result["held_out_pair"] = (held["colour_ok"].astype(bool) & held["shape_ok"].astype(bool)).mean()
-    result["held_out_rows"] = len(held)
+    result = {row["split"]: row for row in summarize(scores)}["all"]
+    result["held_out_pair"] = held_out_pair_accuracy(scores)
+    result["held_out_rows"] = int((scores["combination"] == "held-out").sum())
     return result
 
 

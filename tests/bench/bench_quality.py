@@ -28,6 +28,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
+sys.path.insert(0, str(HERE))
+
+from bench_throughput import close_workdir  # noqa: E402
 
 # name: (scheduler, steps, guidance); None keeps the model's own value.
 CONFIGS: dict[str, tuple[str | None, int | None, float | None]] = {
@@ -46,12 +49,6 @@ CONFIGS: dict[str, tuple[str | None, int | None, float | None]] = {
 }
 TARGETS = {"colour": 0.95, "shape": 0.90, "position": 0.90}
 HELD_OUT_TARGET = 0.80
-
-
-def held_out_pairs(scores) -> float:
-    """Share of held-out rows whose colour and shape are both judged right."""
-    part = scores[scores["combination"] == "held-out"]
-    return float((part["colour_ok"].astype(bool) & part["shape_ok"].astype(bool)).mean())
 
 
 def main() -> None:
@@ -73,6 +70,7 @@ def main() -> None:
 
     from flows.evaluate import evaluate_dataset
     from flows.generate import generate_dataset
+    from nodes.evaluate import held_out_pair_accuracy, summarize
     from nodes.shapes import prompt_rows
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sdflow-quality-"))
@@ -93,19 +91,19 @@ def main() -> None:
         generated = time.perf_counter() - started
         evaluate_dataset(out=str(out), model=args.model)
         scores = pd.read_parquet(out / "evaluation" / "data").drop(columns=["image"])
-        every = {a: float(scores[f"{a}_ok"].astype(bool).mean()) for a in ("colour", "shape", "position", "size", "all")}
-        held = scores[scores["combination"] == "held-out"]
+        splits = {row["split"]: row for row in summarize(scores)}
+        every, held = splits["all"], splits["held-out"]
         result = {
             "config": name,
             "scheduler": pq.read_table(out / "data", columns=["scheduler"]).column(0)[0].as_py(),
             "steps": manifest["resolved"]["steps"],
             "guidance": manifest["resolved"]["guidance_scale"],
-            **every,
-            "held_out_rows": len(held),
-            "held_out_colour": float(held["colour_ok"].astype(bool).mean()),
-            "held_out_shape": float(held["shape_ok"].astype(bool).mean()),
-            "held_out_pair": held_out_pairs(scores),
-            "clip_score": float(scores["clip_score"].mean()),
+            **{a: every[a] for a in ("colour", "shape", "position", "size", "all")},
+            "held_out_rows": held["rows"],
+            "held_out_colour": held["colour"],
+            "held_out_shape": held["shape"],
+            "held_out_pair": held_out_pair_accuracy(scores),
+            "clip_score": every["clip_score"],
             "generate_s": round(generated, 1),
         }
         result["meets_targets"] = all(result[a] >= t for a, t in TARGETS.items()) and result["held_out_pair"] >= HELD_OUT_TARGET
@@ -115,12 +113,7 @@ def main() -> None:
     frame = pd.DataFrame(results).set_index("config")
     pd.set_option("display.width", 200)
     print("\n" + frame.to_string(float_format=lambda v: f"{v:.3f}"))
-    if args.keep or args.workdir:
-        print(f"\nkept {work}")
-    else:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
+    close_workdir(args, work)
 
 
 if __name__ == "__main__":
