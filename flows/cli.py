@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import textwrap
-import threading
+from contextlib import nullcontext
 from importlib.resources import files
 
 EXIT_INPUT = 2  # the user can fix the input; the message says what is wrong
@@ -108,38 +108,6 @@ class QuietConsole(logging.Filter):
             handler.removeFilter(self)
 
 
-def start_temporary_server() -> threading.Thread | None:
-    """Boot Prefect's temporary API server now, in its own process, while torch and the model load.
-
-    With no PREFECT_API_URL, Prefect starts that server (a uvicorn subprocess: seconds of start-up) at the
-    flow's first API call, after every import. Started here, on Prefect's own `SubprocessASGIServer` (one
-    instance per process, which the flow's client then finds running), the boot overlaps sdflow's imports.
-    The caller joins the thread before the flow runs: the client must not find it half-started.
-    """
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():  # a running server: nothing to boot
-        return None
-    # The temporary server lives for this one run and serves no UI, so nothing can subscribe to its event
-    # stream, and automations cannot act within its lifetime: its consumers for those (the event distributor,
-    # triggers and actions) would only take CPU from the U-Net: measured idle, the server's CPU drops from 4.4 %
-    # to 1.8 % of a core without them. Events are still stored and task runs recorded.
-    for name in ("PREFECT_SERVER_EVENTS_STREAM_OUT_ENABLED", "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED"):
-        os.environ.setdefault(name, "false")
-
-    def boot() -> None:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        try:
-            SubprocessASGIServer().start()
-        except Exception:  # the flow's client tries again, and reports what fails
-            pass
-
-    thread = threading.Thread(target=boot, name="sdflow-prefect-server", daemon=True)
-    thread.start()
-    return thread
-
-
 def serve_worker(args: argparse.Namespace) -> int:
     """`sdflow worker`: a long-lived Prefect task worker for one pool and one device."""
     from prefect.settings import PREFECT_API_URL
@@ -217,17 +185,19 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "worker":
         return serve_worker(args)
     quiet = QuietConsole() if not args.verbose else None
+    from flows.server import start_temporary_server
+
     server = start_temporary_server()
     try:
-        if args.command == "evaluate":
-            from flows.evaluate import evaluate_dataset
+        with server.settings() if server else nullcontext():
+            if args.command == "evaluate":
+                from flows.evaluate import evaluate_dataset
 
-            if server:
-                server.join()
-            result = evaluate_dataset(out=args.out, model=args.model, sheet_rows=args.sheet_rows)
-            message = evaluation_summary(result, args.out)
-        else:
-            message = summary(generate(args, server), args.out)
+                wait_for(server)
+                result = evaluate_dataset(out=args.out, model=args.model, sheet_rows=args.sheet_rows)
+                message = evaluation_summary(result, args.out)
+            else:
+                message = summary(generate(args, server), args.out)
     except SdflowError as e:
         if args.verbose:
             raise
@@ -245,14 +215,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def generate(args: argparse.Namespace, server: threading.Thread | None) -> dict:
+def wait_for(server) -> None:
+    """Wait until the run's temporary Prefect server (if any) answers."""
+    if server:
+        from prefect.settings import get_current_settings
+
+        server.wait(get_current_settings().server.ephemeral.startup_timeout_seconds)
+
+
+def generate(args: argparse.Namespace, server) -> dict:
     from flows.generate import generate_dataset
 
     if server:
         from nodes.models import import_model_classes
 
         import_model_classes()  # while the server boots, not after
-        server.join()
+        wait_for(server)
     return generate_dataset(
         prompts=example_prompts() if args.prompts == "example" else args.prompts,
         out=args.out,

@@ -55,6 +55,7 @@ def contact_sheet(
 
 
 def png_bytes(image: Image.Image) -> bytes:
+    """The sheet as PNG at zlib's default level: `optimize` made it 0.3 % smaller in ten times the time (1.1 s)."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
+    image.save(buffer, format="PNG")
     return buffer.getvalue()

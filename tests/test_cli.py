@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,38 @@ def test_command_in_a_fresh_process(prefect_api, tiny_model, tmp_path):
     assert failed.returncode == 2
     assert failed.stderr.startswith("sdflow: error: prompt table") and "Traceback" not in failed.stderr
     assert failed.stdout == ""
+
+
+def test_command_on_its_own_temporary_prefect_server(tiny_model, tmp_path):
+    """With no PREFECT_API_URL, the command runs its flow on a Prefect server of its own, recorded in PREFECT_HOME."""
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    table = write_table(tmp_path / "t.parquet", GOOD)
+    ok = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "generate", table, str(tmp_path / "out"), "--model", tiny_model],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "wrote 3 images" in ok.stderr and "Traceback" not in ok.stderr
+    with sqlite3.connect(home / "prefect.db") as db:
+        runs = db.execute(
+            "SELECT flow.name, flow_run.state_type FROM flow_run JOIN flow ON flow.id = flow_run.flow_id"
+        ).fetchall()
+    assert runs == [("generate-dataset", "COMPLETED")]
+    assert processes_with_env(f"PREFECT_HOME={home}") == [], "the temporary server must stop with the command"
+
+
+def processes_with_env(entry: str) -> list[int]:
+    """Live processes (Linux /proc) whose environment holds `entry`."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if entry.encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone, or not ours to read
+            pass
+    return found
 
 
 def test_pickle_checkpoints_need_an_explicit_opt_in(prefect_api, tiny_model, tmp_path, capsys):
