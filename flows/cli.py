@@ -193,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
             if args.command == "evaluate":
                 from flows.evaluate import evaluate_dataset
 
-                wait_for(server)
+                if server:
+                    server.wait()
                 result = evaluate_dataset(out=args.out, model=args.model, sheet_rows=args.sheet_rows)
                 message = evaluation_summary(result, args.out)
             else:
@@ -215,14 +216,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def wait_for(server) -> None:
-    """Wait until the run's temporary Prefect server (if any) answers."""
-    if server:
-        from prefect.settings import get_current_settings
-
-        server.wait(get_current_settings().server.ephemeral.startup_timeout_seconds)
-
-
 def generate(args: argparse.Namespace, server) -> dict:
     from flows.generate import generate_dataset
 
@@ -230,7 +223,7 @@ def generate(args: argparse.Namespace, server) -> dict:
         from nodes.models import import_model_classes
 
         import_model_classes()  # while the server boots, not after
-        wait_for(server)
+        server.wait()
     return generate_dataset(
         prompts=example_prompts() if args.prompts == "example" else args.prompts,
         out=args.out,
