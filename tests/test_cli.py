@@ -151,7 +151,15 @@ def test_command_on_its_own_temporary_prefect_server(tiny_model, tmp_path):
         runs = db.execute(
             "SELECT flow.name, flow_run.state_type FROM flow_run JOIN flow ON flow.id = flow_run.flow_id"
         ).fetchall()
+        tasks = db.execute("SELECT name, state_type FROM task_run").fetchall()
     assert runs == [("generate-dataset", "COMPLETED")]
+    # Every stage's task run reached the server before it stopped (3 rows: one batch, one shard).
+    stages = {name.rsplit("-", 1)[0]: state for name, state in tasks}
+    assert stages == {
+        stage: "COMPLETED"
+        for stage in ("plan-prompt-table", "load-model", "encode-prompts", "prepare-latents", "denoise",
+                      "decode-latents", "encode-pngs", "write-shard")
+    }, tasks
     assert processes_with_env(f"PREFECT_HOME={home}") == [], "the temporary server must stop with the command"
 
 
