@@ -140,4 +140,8 @@ def start_temporary_server() -> TemporaryServer | None:
     # 4.4 % to 1.8 % of a core without them. Events are still stored and task runs recorded.
     for name in ("PREFECT_SERVER_EVENTS_STREAM_OUT_ENABLED", "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED"):
         os.environ.setdefault(name, "false")
+    # It listens on loopback: a proxy from the environment (HTTP_PROXY, as on many clusters) must not carry
+    # the calls to it away, Prefect's client's nor the readiness checks here.
+    for name in ("NO_PROXY", "no_proxy"):
+        os.environ[name] = ",".join(filter(None, [os.environ.get(name), "127.0.0.1"]))
     return TemporaryServer()

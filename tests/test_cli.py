@@ -136,10 +136,14 @@ def test_command_in_a_fresh_process(prefect_api, tiny_model, tmp_path):
 
 
 def test_command_on_its_own_temporary_prefect_server(tiny_model, tmp_path):
-    """With no PREFECT_API_URL, the command runs its flow on a Prefect server of its own, recorded in PREFECT_HOME."""
+    """With no PREFECT_API_URL, the command runs its flow on a Prefect server of its own, recorded in PREFECT_HOME.
+
+    An HTTP proxy in the environment (here a closed port) must not carry the calls to that loopback server away.
+    """
     home = tmp_path / "prefect-home"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(HTTP_PROXY="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
     table = write_table(tmp_path / "t.parquet", GOOD)
     ok = subprocess.run(
         [sys.executable, "-m", "flows.cli", "generate", table, str(tmp_path / "out"), "--model", tiny_model],
