@@ -22,13 +22,16 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-STARTUP_FAILURE = 3  # uvicorn's exit code when it cannot bind its port (taken since it was chosen)
+STARTUP_FAILURE = 3  # uvicorn's exit code when it cannot start: its port taken, or the app failed to start
 
 
-def free_port() -> int:
-    """A loopback port that is free now (the OS's choice)."""
+def free_port(port: int = 0) -> int:
+    """`port` if it is free on loopback now, else 0; with port 0, a free port of the OS's choice."""
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return 0
         return sock.getsockname()[1]
 
 
@@ -87,10 +90,10 @@ class TemporaryServer:
         deadline = time.monotonic() + timeout
         while True:
             code = self.process.poll()
-            if code == STARTUP_FAILURE:
+            if code == STARTUP_FAILURE and not free_port(self.port):  # the port was taken since it was chosen
                 self.port = free_port()
                 self.process = self._launch()
-            elif code is not None:
+            elif code is not None:  # a failure that another port would not mend (its own log says which)
                 raise RuntimeError(f"Prefect's temporary API server exited with code {code} before it was ready.")
             try:
                 with urllib.request.urlopen(f"{self.api_url}/health", timeout=1) as response:
@@ -128,8 +131,14 @@ class TemporaryServer:
                 self.process.wait()
 
 
+_running: list[TemporaryServer] = []  # this process's server: in-process callers of the CLI reuse it
+
+
 def start_temporary_server() -> TemporaryServer | None:
-    """Start Prefect's temporary server for this run now, unless a server is configured (PREFECT_API_URL)."""
+    """Start Prefect's temporary server for this run now, unless a server is configured (PREFECT_API_URL).
+
+    One per process, as Prefect's own: a second run in the same process finds it running.
+    """
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
@@ -144,4 +153,6 @@ def start_temporary_server() -> TemporaryServer | None:
     # the calls to it away, Prefect's client's nor the readiness checks here.
     for name in ("NO_PROXY", "no_proxy"):
         os.environ[name] = ",".join(filter(None, [os.environ.get(name), "127.0.0.1"]))
-    return TemporaryServer()
+    if not _running or _running[0].process.poll() is not None:
+        _running[:] = [TemporaryServer()]
+    return _running[0]
