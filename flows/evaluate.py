@@ -64,7 +64,7 @@ def evaluate_dataset(out: str, model: str | None = None, sheet_rows: int = SHEET
 
     frames, sheet = [], {"images": [], "captions": [], "marks": []}
     for marker in markers:
-        scored = score_shard_task(read_dataset_file(fs, root, marker["file"]), scorer)
+        scored = score_shard_task(read_dataset_file(fs, root, marker["file"], ["image", "id", "prompt"]), scorer)
         write_file(fs, f"{root}/{EVALUATION}/{marker['file']}", parquet_bytes(scored))  # data/part-NNNNN.parquet
         frame = scored.drop_columns(["image"]).to_pandas()
         frames.append(frame)

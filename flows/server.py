@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 STARTUP_FAILURE = 3  # uvicorn's exit code when it cannot start: its port taken, or the app failed to start
@@ -42,6 +41,7 @@ class TemporaryServer:
         import prefect
         from prefect.settings import get_current_settings
 
+        settings = get_current_settings()
         self.app_dir = str(Path(prefect.__file__).parent.parent)
         # As SubprocessASGIServer: no UI, the server knows it is ephemeral, and it gets this process's settings.
         self.env = {
@@ -49,13 +49,13 @@ class TemporaryServer:
             "PREFECT_UI_ENABLED": "0",
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
-            **get_current_settings().to_environment_variables(exclude_unset=True),
+            **settings.to_environment_variables(exclude_unset=True),
         }
         self.port = free_port()
         self.process = self._launch()
         atexit.register(self.stop)
         self._failure: Exception | None = None
-        timeout = get_current_settings().server.ephemeral.startup_timeout_seconds
+        timeout = settings.server.ephemeral.startup_timeout_seconds
         self._booting = threading.Thread(target=self._await_ready, args=(timeout,), name="sdflow-prefect-server", daemon=True)
         self._booting.start()
 
@@ -108,7 +108,7 @@ class TemporaryServer:
                 raise RuntimeError(f"Prefect's temporary API server did not answer within {timeout:.0f} s.")
             time.sleep(0.05)
 
-    @contextmanager
+    @contextlib.contextmanager
     def settings(self):
         """Prefect settings for a run on this server.
 
