@@ -15,6 +15,15 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
+
+# diffusers and transformers give their loggers a stderr handler on first use, bound to whatever sys.stderr is
+# then. Made here, it is the session's; made inside a test that captures stderr (capsys), it would be that
+# test's buffer, closed afterwards, and every later test's log record from them would print a "Logging error"
+# traceback into its own captured stderr.
+diffusers_logging.get_logger("diffusers")
+transformers_logging.get_logger("transformers")
 
 from nodes.toymodel import ToyModelConfig, save_toy_model
 
