@@ -16,7 +16,7 @@ EXIT_BUG = 1  # anything else
 
 
 def example_prompts() -> str:
-    return str(files("nodes") / "data" / "example_prompts.parquet")
+    return str(files("nodes.shapes") / "data" / "example_prompts.parquet")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +114,7 @@ def serve_worker(args: argparse.Namespace) -> int:
 
     if not PREFECT_API_URL.value():
         return fail("a worker needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api).", EXIT_INPUT)
-    from flows.fanout import serve_shards
+    from flows.worker import serve_shards
 
     print(f"sdflow: worker serving pool {args.pool!r}; Ctrl-C stops it.", file=sys.stderr)
     try:
@@ -158,7 +158,7 @@ def summary(manifest: dict, out: str) -> str:
 
 
 def evaluation_summary(result: dict, out: str) -> str:
-    from nodes.evaluate import summary_markdown
+    from nodes.shapes.evaluate import summary_markdown
 
     text = f"sdflow: scored {result['rows']} images of {out} in {result['seconds']:.1f} s"
     if result["out_of_domain"]:
@@ -220,7 +220,7 @@ def generate(args: argparse.Namespace, server) -> dict:
     from flows.generate import generate_dataset
 
     if server:
-        from nodes.models import import_model_classes
+        from nodes.pipeline.components import import_model_classes
 
         import_model_classes()  # while the server boots, not after
         server.wait()

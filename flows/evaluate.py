@@ -18,13 +18,21 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.generate import SHEET_ROWS, publish_contact_sheet, storage_options_from_env
-from nodes.commit import read_committed
+from flows.artifacts import publish_contact_sheet
+from nodes.dataset.commit import read_committed
 from nodes.errors import SdflowError
-from nodes.evaluate import ClipScorer, judge_rows, summarize, summary_markdown
-from nodes.sheet import contact_sheet
-from nodes.models import inspect_model
-from nodes.store import decode_images, huggingface_metadata, open_output, parquet_bytes, read_dataset_file, write_file
+from nodes.shapes.evaluate import ClipScorer, judge_rows, summarize, summary_markdown
+from nodes.dataset.sheet import SHEET_ROWS, contact_sheet
+from nodes.pipeline.components import inspect_model
+from nodes.dataset.store import (
+    decode_images,
+    huggingface_metadata,
+    open_output,
+    parquet_bytes,
+    read_dataset_file,
+    storage_options_from_env,
+    write_file,
+)
 
 EVALUATION = "evaluation"  # folder under OUT
 CLIP_BATCH = 256  # images per CLIP forward pass

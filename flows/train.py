@@ -18,10 +18,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.generate import software_versions
-from nodes import train
+from nodes.dataset.manifest import software_versions
+from nodes.shapes import train
 from nodes.errors import SdflowError
-from nodes.train import ClipSpec, UnetSpec, VaeSpec
+from nodes.shapes.train import ClipSpec, UnetSpec, VaeSpec
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,9 @@ class TrainConfig:
     """Everything a training run depends on; the same config and seed give the same weights on the same machine."""
 
     seed: int = 0  # initial weights and every step's batch, noise and timesteps derive from it
-    clip: ClipSpec = field(default_factory=ClipSpec)  # CLIP sizes and training (see nodes.train.ClipSpec)
-    vae: VaeSpec = field(default_factory=VaeSpec)  # VAE sizes and training (see nodes.train.VaeSpec)
-    unet: UnetSpec = field(default_factory=UnetSpec)  # U-Net sizes and training (see nodes.train.UnetSpec)
+    clip: ClipSpec = field(default_factory=ClipSpec)  # CLIP sizes and training (see nodes.shapes.train.ClipSpec)
+    vae: VaeSpec = field(default_factory=VaeSpec)  # VAE sizes and training (see nodes.shapes.train.VaeSpec)
+    unet: UnetSpec = field(default_factory=UnetSpec)  # U-Net sizes and training (see nodes.shapes.train.UnetSpec)
     distinct_batches: int = 0  # 0: a fresh batch every step; N > 0: every component cycles through N fixed batches
     # The sampler saved with the model. Not PNDM, which stable-diffusion-v1-5 ships: measured on the full model
     # (bench_quality), PNDM at 20 steps and guidance 7.5 gets the colour of half the images wrong (it is right

@@ -1,22 +1,51 @@
-"""The parameters of a generation run: run-level defaults, and one resolved row of the prompt table."""
+"""The parameters of a generation run: the table of samplers, the registry of per-row columns, and the records built from them.
+
+Adding a sampler is one `Sampler` entry in SAMPLERS; adding a per-row column is one `Column` entry in COLUMNS
+(its type, its check, its default, whether it enters the row key, how it is written): `Row`, the prompt-table
+checks, the row key and the output schema all follow from it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import math
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any, Callable
 
-# Samplers by their sdflow name; each maps to a diffusers scheduler class and config overrides
-# (see nodes.denoise.make_scheduler) and to the name AUTOMATIC1111's infotext uses for it.
-SCHEDULER_NAMES = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
-
-# Columns of the prompt table that sdflow reads; every other column is carried through untouched.
-CONTROL_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height")
-
-# Columns that sdflow adds to each output row; an input column may not take one of these names.
-OUTPUT_COLUMNS = ("image",) + CONTROL_COLUMNS + ("scheduler", "model")
+import pyarrow as pa
 
 MAX_STEPS = 1000  # the training schedule's length: schedulers cannot take more inference steps
 MAX_SIDE = 4096  # pixels; larger sides are refused as almost certainly a mistake in the table
 MAX_SEED = 2**63 - 1  # seeds are stored as int64; torch.Generator.manual_seed accepts all of these
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler users know by name (AUTOMATIC1111, ComfyUI): a diffusers scheduler class with config overrides."""
+
+    scheduler: str  # diffusers scheduler class
+    overrides: dict = field(default_factory=dict, hash=False)  # on top of the model's own scheduler config
+    a1111: str = ""  # the name AUTOMATIC1111's infotext gives it
+    schedule: str | None = None  # A1111's "Schedule type", where it is not the default
+
+
+# The samplers, by their sdflow name. "dpmpp_2m" is DPM-Solver++ of order 2, multistep.
+SAMPLERS: dict[str, Sampler] = {
+    "ddim": Sampler("DDIMScheduler", a1111="DDIM"),
+    "pndm": Sampler("PNDMScheduler", a1111="PLMS"),
+    "lms": Sampler("LMSDiscreteScheduler", a1111="LMS"),
+    "euler": Sampler("EulerDiscreteScheduler", a1111="Euler"),
+    "euler_a": Sampler("EulerAncestralDiscreteScheduler", a1111="Euler a"),
+    "heun": Sampler("HeunDiscreteScheduler", a1111="Heun"),
+    "dpmpp_2m": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"),
+    "dpmpp_2m_karras": Sampler(
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        "DPM++ 2M",
+        "Karras",
+    ),
+    "unipc": Sampler("UniPCMultistepScheduler", a1111="UniPC"),
+}
 
 
 @dataclass(frozen=True)
@@ -31,31 +60,123 @@ class GenerationDefaults:
     seed: int  # run seed; rows without a seed get one derived from it and their id
 
 
+# --- checks: a value as read from the table (or an option) -> the resolved value, or None if invalid ---
+
+
+def whole_number(value, low: int, high: int) -> int | None:
+    """`value` as an int if it is a whole number in [low, high], else None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            return None
+        value = int(value)
+    return value if low <= value <= high else None
+
+
+def finite_number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def image_side(value, size_multiple: int) -> int | None:
+    """A width or height if it is a positive multiple of `size_multiple` up to MAX_SIDE, else None."""
+    side = whole_number(value, size_multiple, MAX_SIDE)
+    return side if side is not None and side % size_multiple == 0 else None
+
+
+def derive_seed(run_seed: int, row_id: int | str) -> int:
+    """A row's seed when the table gives none: a stable hash of the run seed and the row id, in [0, 2**63)."""
+    digest = hashlib.blake2b(f"{run_seed}\x1f{row_id!r}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+# What a table column may hold: (predicate on its Arrow type, words for the error message).
+def _numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def _text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+KINDS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
+    "id": (lambda t: pa.types.is_integer(t) or _text(t), "an integer or a string"),
+    "text": (_text, "a string"),
+    "integer": (_numeric, "an integer"),
+    "number": (_numeric, "a number"),
+}
+
+
 @dataclass(frozen=True)
-class Row:
-    """One prompt-table row with every generation parameter resolved."""
+class Column:
+    """A per-row column of the prompt table: read, checked, defaulted, keyed, written to the dataset."""
 
-    position: int  # 0-based row position in the prompt table
-    id: int | str  # the row's `id`, or its position where the table has none
-    prompt: str
-    negative_prompt: str
-    seed: int  # seed of the row's own torch.Generator("cpu")
-    steps: int
-    guidance_scale: float
-    width: int
-    height: int
+    name: str
+    type: type  # its Python type in Row
+    kind: str  # what the table may hold: a key of KINDS
+    written: pa.DataType | None  # its Arrow type in the dataset; None: as the table holds it
+    check: Callable[[Any, int], Any]  # (value, size multiple) -> the resolved value, or None if invalid
+    rule: str  # what a valid value is, for error messages; "{m}" is the size multiple
+    default: Callable[[GenerationDefaults, Any], Any] | None = None  # (run defaults, row id) -> value of a null
+    in_key: bool = True  # part of the row key: changing it makes a new image
 
-    @property
-    def shape_key(self) -> tuple[int, int, int]:
-        """Rows that share this key can share a batch: (width, height, steps)."""
-        return (self.width, self.height, self.steps)
+
+def _prompt(value, _m):
+    return value if isinstance(value, str) and value.strip() else None
+
+
+# The prompt table's columns that sdflow reads, in the order of Row's fields and of the row key; every other
+# column of the table is carried through to the dataset untouched.
+COLUMNS: tuple[Column, ...] = (
+    Column("id", object, "id", None, lambda v, m: v, "must not be null"),
+    Column("prompt", str, "text", pa.string(), _prompt, "must be a non-empty string"),
+    Column("negative_prompt", str, "text", pa.string(), lambda v, m: v, "", lambda d, _id: d.negative_prompt),
+    Column(
+        "seed", int, "integer", pa.int64(), lambda v, m: whole_number(v, 0, MAX_SEED),
+        f"must be a whole number from 0 to {MAX_SEED}", lambda d, row_id: derive_seed(d.seed, row_id),
+    ),
+    Column(
+        "steps", int, "integer", pa.int32(), lambda v, m: whole_number(v, 1, MAX_STEPS),
+        f"must be a whole number from 1 to {MAX_STEPS}", lambda d, _id: d.steps,
+    ),
+    Column(
+        "guidance_scale", float, "number", pa.float64(), lambda v, m: finite_number(v), "must be a finite number",
+        lambda d, _id: d.guidance_scale,
+    ),
+    Column("width", int, "integer", pa.int32(), image_side, "must be a multiple of {m} from {m} to %d" % MAX_SIDE, lambda d, _id: d.width),
+    Column("height", int, "integer", pa.int32(), image_side, "must be a multiple of {m} from {m} to %d" % MAX_SIDE, lambda d, _id: d.height),
+)
+COLUMN_NAMES = tuple(c.name for c in COLUMNS)
+
+# Columns that sdflow adds to each output row beside the table's own; an input column may not take one of these names.
+RUN_COLUMNS = ("scheduler", "model")
+OUTPUT_COLUMNS = ("image",) + COLUMN_NAMES + RUN_COLUMNS
+
+
+def _shape_key(self) -> tuple[int, int, int]:
+    """Rows that share this key can share a batch: (width, height, steps)."""
+    return (self.width, self.height, self.steps)
+
+
+# One prompt-table row with every generation parameter resolved: `position` (0-based, in the table), then one
+# field per column of COLUMNS. `id` is the row's id, or its position where the table has none.
+Row = make_dataclass(
+    "Row",
+    [("position", int)] + [(c.name, c.type) for c in COLUMNS],
+    frozen=True,
+    namespace={"shape_key": property(_shape_key), "__doc__": "One prompt-table row with every generation parameter resolved."},
+)
+Row.__module__ = __name__  # so that rows pickle (pool workers receive them) as nodes.params.Row
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """How a run generates, beyond each row's own parameters."""
 
-    scheduler: str | None  # as asked: an sdflow scheduler name, or None for the model's own
+    scheduler: str | None  # as asked: an sdflow sampler name, or None for the model's own
     sampler: str  # its resolved name, written to each row and PNG
     batch_size: int  # rows per U-Net batch
     batches_in_flight: int  # decoded batches that may wait for PNG encoding

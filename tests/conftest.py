@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny model saved in diffusers format, one Prefect API for the session, table helpers."""
+"""Shared fixtures: a tiny model saved in diffusers format, one Prefect API for the session, an uninterrupted reference run."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
@@ -25,7 +23,9 @@ from transformers.utils import logging as transformers_logging
 diffusers_logging.get_logger("diffusers")
 transformers_logging.get_logger("transformers")
 
-from nodes.toymodel import ToyModelConfig, save_toy_model
+from nodes.shapes.builders import ToyModelConfig, save_toy_model
+from tests.support.runs import RESUME_ROWS, RESUME_RUN, images_by_id
+from tests.support.tables import write_table
 
 TEST_STEPS = 4  # the tiny model's default steps in tests: enough for every scheduler's multistep logic
 
@@ -54,8 +54,12 @@ def tiny_model(tmp_path_factory) -> str:
     return str(path)
 
 
-def write_table(path, rows: list[dict], schema: pa.Schema | None = None, row_group_size: int | None = None) -> str:
-    """Write rows to a Parquet prompt table; returns its path as a string."""
-    table = pa.Table.from_pylist(rows, schema=schema)
-    pq.write_table(table, path, row_group_size=row_group_size)
-    return str(path)
+@pytest.fixture(scope="module")
+def resume_reference(prefect_api, tiny_model, tmp_path_factory):
+    """An uninterrupted run: the images every interrupted-then-resumed run must reproduce."""
+    from flows.generate import generate_dataset
+
+    root = tmp_path_factory.mktemp("reference")
+    prompts = write_table(root / "prompts.parquet", RESUME_ROWS)
+    generate_dataset(prompts=prompts, out=str(root / "out"), model=tiny_model, **RESUME_RUN)
+    return prompts, images_by_id(root / "out")

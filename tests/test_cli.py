@@ -13,24 +13,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from flows.cli import main
-from tests.conftest import write_table
+from tests.support.runs import assert_clean_failure, run_cli
+from tests.support.tables import write_table
 
 GOOD = [{"id": i, "prompt": f"a red circle {i}"} for i in range(3)]
-
-
-def run_cli(capsys, *args) -> tuple[int, str]:
-    code = main(["generate", *map(str, args)])
-    return code, capsys.readouterr().err
-
-
-def assert_clean_failure(code: int, err: str, out: Path, *phrases: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err
-    assert err.startswith("sdflow: error: ")
-    for phrase in phrases:
-        assert phrase in " ".join(err.split()), err
-    assert not out.exists(), "a failed run must leave no dataset behind"
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from PIL import Image
 
 from flows.generate import generate_dataset
 from nodes.errors import StorageError
-from tests.conftest import write_table
-from tests.test_parity import diffusers_image, max_level_difference
+from tests.support.tables import write_table
+from tests.support.reference import diffusers_image, max_level_difference
 from nodes.params import Row
 
 CARRIED = pa.schema(

@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.generate import generate_dataset
-from tests.conftest import write_table
-from tests.test_resume import images_by_id
+from tests.support.tables import write_table
+from tests.support.runs import images_by_id
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

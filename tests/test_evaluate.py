@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from flows.cli import main
-from nodes.evaluate import ClipScorer, judge_rows, summarize, summary_markdown
-from nodes.models import DEFAULT_MODEL, builtin_model_path
-from nodes.shapes import COLOURS, HELD_OUT, Scene, caption, make_examples, render
-from nodes.sheet import MARK_COLOURS, TILE, contact_sheet
-from tests.conftest import write_table
+from nodes.shapes.evaluate import ClipScorer, judge_rows, summarize, summary_markdown
+from nodes.pipeline.components import DEFAULT_MODEL, builtin_model_path
+from nodes.shapes.domain import COLOURS, HELD_OUT, Scene, caption, make_examples, render
+from nodes.dataset.sheet import MARK_COLOURS, TILE, contact_sheet
+from tests.support.tables import write_table
 
 
 def pil(images) -> list[Image.Image]:

@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import flows.generate
+import nodes.pipeline.batch
 from flows.generate import generate_dataset
-from nodes.decode import decode_latents
-from nodes.models import inspect_model, load_components
+from nodes.pipeline.decode import decode_latents
+from nodes.pipeline.components import inspect_model, load_components
 from nodes.params import Row
-from tests.conftest import write_table
-from tests.test_parity import generate, max_level_difference
-from tests.test_resume import images_by_id
+from tests.support.tables import write_table
+from tests.support.reference import generate, max_level_difference
+from tests.support.runs import images_by_id
 
 ROWS = [{"id": i, "prompt": f"a blue circle {i}", "seed": 100 + i} for i in range(5)]
 
@@ -65,14 +65,14 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(prefect_api, own_model
 
 
 def test_a_row_that_always_fails_is_recorded_and_the_rest_goes_on(prefect_api, own_model, tmp_path, monkeypatch):
-    real = flows.generate.make_generators
+    real = nodes.pipeline.batch.make_generators
 
     def poisoned(rows):
         if any("poison" in r.prompt for r in rows):
             raise ValueError("this row cannot be generated")
         return real(rows)
 
-    monkeypatch.setattr(flows.generate, "make_generators", poisoned)
+    monkeypatch.setattr(nodes.pipeline.batch, "make_generators", poisoned)
     rows = ROWS[:2] + [{"id": 99, "prompt": "poison", "seed": 1}] + ROWS[2:]
     prompts = write_table(tmp_path / "p.parquet", rows)
     out = tmp_path / "out"
@@ -85,7 +85,7 @@ def test_a_row_that_always_fails_is_recorded_and_the_rest_goes_on(prefect_api, o
     assert [f["id"] for f in marker["failed"]] == [99]
 
     # Once the fault is gone, a rerun generates exactly the failed row.
-    monkeypatch.setattr(flows.generate, "make_generators", real)
+    monkeypatch.setattr(nodes.pipeline.batch, "make_generators", real)
     again = generate_dataset(prompts=prompts, out=str(out), model=own_model, batch_size=3)
     assert (again["rows"]["generated"], again["rows"]["failed"], again["rows"]["in_dataset"]) == (1, 0, 6)
     assert again["failed_rows"] == []

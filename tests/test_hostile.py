@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
-from tests.test_cli import assert_clean_failure
+from tests.support.runs import assert_clean_failure
 
 STEPS = ["--steps", "1"]  # one denoising step: the table is what is under test, not the images
 BASE = {"id": [1, 2, 3], "prompt": ["a red circle", "a blue square", "a green star"]}

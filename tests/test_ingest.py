@@ -8,18 +8,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from nodes.errors import PromptTableError
-from nodes.ingest import (
-    derive_seed,
+from nodes.dataset.ingest import (
     iter_row_chunks,
     iter_shard_rows,
-    make_batches,
     plan_prompt_table,
     resolve_defaults,
     row_key,
 )
-from nodes.models import inspect_model
-from nodes.params import GenerationDefaults, Row
-from tests.conftest import write_table
+from nodes.pipeline.components import inspect_model
+from nodes.params import GenerationDefaults, Row, derive_seed
+from nodes.pipeline.batch import make_batches
+from tests.support.tables import write_table
 
 DEFAULTS = GenerationDefaults(steps=20, guidance_scale=7.5, width=64, height=64, negative_prompt="", seed=42)
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from nodes.judge import Judgement, judge_image, score
-from nodes.shapes import (
+from nodes.shapes.judge import Judgement, judge_image, score
+from nodes.shapes.domain import (
     BACKGROUND,
     COLOURS,
     DOMAIN_WORDS,

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import diffusers
-import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from nodes.decode import decode_latents
-from nodes.denoise import SCHEDULERS, denoise, make_scheduler
-from nodes.encode import encode_prompts
-from nodes.latents import make_generators, prepare_latents
-from nodes.models import inspect_model, load_components
-from nodes.params import Row
+from nodes.params import SAMPLERS as SCHEDULERS, Row
+from nodes.pipeline.components import inspect_model, load_components
+from tests.support.reference import diffusers_image, generate, max_level_difference
 
 # A mixed batch: per-row seeds, guidance above, at and below 1 (no guidance), negative prompts or none.
 ROWS = [
@@ -36,36 +32,6 @@ def reference(tiny_model):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def generate(components, rows: list[Row], scheduler: str | None) -> np.ndarray:
-    """The flow's per-batch stages, called directly: (B, H, W, 3) uint8."""
-    sched = make_scheduler(scheduler, components.info.scheduler_config, rows[0].steps, components.device)
-    generators = make_generators(rows)
-    latents = prepare_latents(components, rows, generators, sched.init_noise_sigma)
-    latents = denoise(components, sched, latents, encode_prompts(components, rows), rows, generators)
-    return decode_latents(components, latents).images.numpy()
-
-
-def diffusers_image(pipe, row: Row, scheduler: str | None) -> np.ndarray:
-    """What diffusers gives for this row alone, with generator=torch.Generator("cpu").manual_seed(seed)."""
-    if scheduler is not None:
-        cls, overrides = SCHEDULERS[scheduler]
-        pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **overrides)
-    image = pipe(
-        row.prompt,
-        negative_prompt=row.negative_prompt or None,
-        num_inference_steps=row.steps,
-        guidance_scale=row.guidance_scale,
-        width=row.width,
-        height=row.height,
-        generator=torch.Generator("cpu").manual_seed(row.seed),
-    ).images[0]
-    return np.asarray(image)
-
-
-def max_level_difference(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))

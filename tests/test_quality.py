@@ -12,8 +12,8 @@ import pytest
 
 from flows.evaluate import evaluate_dataset
 from flows.generate import generate_dataset
-from nodes.evaluate import held_out_pair_accuracy, summarize
-from nodes.shapes import prompt_rows
+from nodes.shapes.evaluate import held_out_pair_accuracy, summarize
+from nodes.shapes.domain import prompt_rows
 
 EVAL_SEED = 2026  # training draws its examples from derived seeds; these prompts come from another stream
 

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -15,50 +11,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from flows.generate import generate_dataset
-from nodes.commit import commit_shard, marker_path, shard_marker
+from nodes.dataset.commit import commit_shard, marker_path, shard_marker
 from nodes.errors import StorageError
-from tests.conftest import write_table
+from tests.support.runs import RESUME_ROWS as ROWS, RESUME_RUN as RUN, assert_consistent, images_by_id, run_killable as run_cli
+from tests.support.tables import write_table
 
-ROWS = [{"id": f"r{i}", "prompt": f"a {['red', 'blue', 'green'][i % 3]} square number {i}", "n": i} for i in range(9)]
-RUN = {"batch_size": 2, "shard_size": 3, "steps": 2, "scheduler": "euler_a"}
-
-
-def images_by_id(out: Path) -> dict[str, np.ndarray]:
-    table = pq.read_table(out / "data")
-    return {
-        row_id: np.asarray(Image.open(io.BytesIO(image["bytes"])))
-        for row_id, image in zip(table.column("id").to_pylist(), table.column("image").to_pylist())
-    }
-
-
-def assert_consistent(out: Path) -> dict:
-    """The dataset folder holds exactly the committed shards: no stray, temporary or unlisted files."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    listed = sorted(
-        ["manifest.json"]
-        + ([manifest["contact_sheet"]] if manifest["shards"] else [])
-        + [s["file"] for s in manifest["shards"]]
-        + [f"_shards/{s['shard']:05d}.json" for s in manifest["shards"]]
-    )
-    assert files == listed
-    return manifest
-
-
-@pytest.fixture(scope="module")
-def reference(prefect_api, tiny_model, tmp_path_factory):
-    """An uninterrupted run: the images every interrupted-then-resumed run must reproduce."""
-    root = tmp_path_factory.mktemp("reference")
-    prompts = write_table(root / "prompts.parquet", ROWS)
-    generate_dataset(prompts=prompts, out=str(root / "out"), model=tiny_model, **RUN)
-    return prompts, images_by_id(root / "out")
-
-
-def test_rerun_generates_nothing_and_rewrites_nothing(prefect_api, tiny_model, reference, tmp_path):
-    prompts, _ = reference
+def test_rerun_generates_nothing_and_rewrites_nothing(prefect_api, tiny_model, resume_reference, tmp_path):
+    prompts, _ = resume_reference
     out = tmp_path / "out"
     generate_dataset(prompts=prompts, out=str(out), model=tiny_model, **RUN)
     before = {p: p.read_bytes() for p in (out / "data").iterdir()}
@@ -71,8 +32,8 @@ def test_rerun_generates_nothing_and_rewrites_nothing(prefect_api, tiny_model, r
     assert_consistent(out)
 
 
-def test_grown_table_generates_exactly_the_new_rows(prefect_api, tiny_model, reference, tmp_path):
-    _, want = reference
+def test_grown_table_generates_exactly_the_new_rows(prefect_api, tiny_model, resume_reference, tmp_path):
+    _, want = resume_reference
     out = tmp_path / "out"
     first = generate_dataset(prompts=write_table(tmp_path / "a.parquet", ROWS[:5]), out=str(out), model=tiny_model, **RUN)
     assert first["rows"]["generated"] == 5
@@ -85,8 +46,8 @@ def test_grown_table_generates_exactly_the_new_rows(prefect_api, tiny_model, ref
     assert all(np.abs(got[k].astype(int) - want[k].astype(int)).max() <= 1 for k in want)
 
 
-def test_changed_parameters_make_new_rows_and_keep_the_old(prefect_api, tiny_model, reference, tmp_path):
-    prompts, _ = reference
+def test_changed_parameters_make_new_rows_and_keep_the_old(prefect_api, tiny_model, resume_reference, tmp_path):
+    prompts, _ = resume_reference
     out = tmp_path / "out"
     generate_dataset(prompts=prompts, out=str(out), model=tiny_model, **RUN)
     changed = generate_dataset(prompts=prompts, out=str(out), model=tiny_model, **(RUN | {"steps": 3}))
@@ -129,18 +90,6 @@ def test_racing_commits_of_one_shard_commit_once(tmp_path):
         commit_shard(fs, root, table, other)
 
 
-def run_cli(prefect_api: str, tiny_model: str, prompts: str, out: Path, crash: str | None = None):
-    env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    env.pop("SDFLOW_CRASH_AT", None)
-    if crash:
-        env["SDFLOW_CRASH_AT"] = crash
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in RUN.items() if k != "steps"] + [f"--steps={RUN['steps']}"]
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "generate", prompts, str(out), "--model", tiny_model, *args],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-
-
 @pytest.mark.parametrize(
     "crash",
     [
@@ -149,8 +98,8 @@ def run_cli(prefect_api: str, tiny_model: str, prompts: str, out: Path, crash: s
         "manifest",  # every shard committed, the manifest half-written
     ],
 )
-def test_sigkill_then_rerun_gives_the_uninterrupted_dataset(prefect_api, tiny_model, reference, tmp_path, crash):
-    prompts, want = reference
+def test_sigkill_then_rerun_gives_the_uninterrupted_dataset(prefect_api, tiny_model, resume_reference, tmp_path, crash):
+    prompts, want = resume_reference
     out = tmp_path / "out"
     killed = run_cli(prefect_api, tiny_model, prompts, out, crash)
     assert killed.returncode == -signal.SIGKILL, killed.stderr

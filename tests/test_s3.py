@@ -24,10 +24,10 @@ import s3fs
 from PIL import Image
 
 from nodes.errors import ModelError, PromptTableError, SdflowError, StorageError
-from nodes.toymodel import TOY_WORDS
+from nodes.shapes.builders import TOY_WORDS
 
-from .conftest import write_table
-from .s3_server import FAKE_AWS_ENV, UNSET_AWS_ENV, MotoS3Server
+from tests.support.tables import write_table
+from tests.support.s3_server import FAKE_AWS_ENV, UNSET_AWS_ENV, MotoS3Server
 
 BUCKET = "sdflow-test"
 BATCH_SIZE = 4
@@ -332,13 +332,13 @@ def test_cli_error_keeps_a_long_s3_url_whole(s3, s3_env, prefect_api, tiny_model
     assert missing in " ".join(err.split()), err  # whole, as the user typed it (line breaks only between words)
 
 
-from tests.test_resume import ROWS as RESUME_ROWS, reference, run_cli  # noqa: E402,F401  (fixture reused)
+from tests.support.runs import RESUME_ROWS, run_killable as run_cli  # noqa: E402
 
 
 @pytest.mark.parametrize("crash", ["denoise-step:6", "before-marker:2", "manifest"])
-def test_sigkill_then_rerun_on_s3(s3, s3_env, prefect_api, tiny_model, reference, tmp_path, crash):
+def test_sigkill_then_rerun_on_s3(s3, s3_env, prefect_api, tiny_model, resume_reference, tmp_path, crash):
     """The commit protocol against a real S3 endpoint: kill, rerun, every row once, nothing stray or unfinished."""
-    _, want = reference
+    _, want = resume_reference
     prompts = upload_table(s3, tmp_path, RESUME_ROWS, "resume.parquet")
     out = f"s3://{BUCKET}/resume"
     killed = run_cli(prefect_api, tiny_model, prompts, out, crash)
@@ -366,7 +366,7 @@ def test_sigkill_then_rerun_on_s3(s3, s3_env, prefect_api, tiny_model, reference
 
 
 def test_unfinished_uploads_under_the_output_are_aborted(s3):
-    from nodes.commit import clean_uncommitted
+    from nodes.dataset.commit import clean_uncommitted
 
     def start_upload(key: str) -> None:
         upload = s3.call_s3("create_multipart_upload", Bucket=BUCKET, Key=key)

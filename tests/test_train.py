@@ -14,10 +14,10 @@ from PIL import Image
 
 from flows.generate import generate_dataset
 from flows.train import TINY, train_model
-from nodes import train
+from nodes.shapes import train
 from nodes.errors import SdflowError
-from nodes.models import inspect_model, load_components
-from tests.conftest import write_table
+from nodes.pipeline.components import inspect_model, load_components
+from tests.support.tables import write_table
 
 WINDOW = 3  # steps averaged at each end of a loss curve
 
@@ -69,7 +69,7 @@ def test_loads_through_the_model_path(trained):
 def test_clip_folder_is_a_whole_clip_with_its_processor(trained):
     from transformers import CLIPModel, CLIPProcessor
 
-    from nodes.shapes import make_examples
+    from nodes.shapes.domain import make_examples
 
     images, captions, _ = make_examples(4, seed=1)
     processor = CLIPProcessor.from_pretrained(trained[0] / "clip")

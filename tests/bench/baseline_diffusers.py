@@ -32,8 +32,8 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
-# The same diffusers scheduler class and config overrides for each name as sdflow (nodes/denoise.py
-# SCHEDULERS); copied rather than imported, so this script does not import Prefect. The benchmark checks
+# The same diffusers scheduler class and config overrides for each name as sdflow (nodes/params.py
+# SAMPLERS); copied rather than imported, so this script does not import Prefect. The benchmark checks
 # that the two tables agree.
 SCHEDULERS: dict[str, tuple[str, dict]] = {
     "ddim": ("DDIMScheduler", {}),

@@ -135,7 +135,7 @@ def run_stage(args) -> dict:
     import numpy as np
     import pyarrow as pa
     
-    from nodes.ingest import CONTROL_COLUMNS, iter_shard_rows, open_prompt_table, plan_prompt_table
+    from nodes.dataset.ingest import CONTROL_COLUMNS, iter_shard_rows, open_prompt_table, plan_prompt_table
     from nodes.params import GenerationDefaults
 
     url = str(args.table)

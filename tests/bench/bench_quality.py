@@ -3,8 +3,8 @@
     python tests/bench/bench_quality.py [--model sdflow:shapes] [--rows 240] [--held-out-rows 120] [--seed 2026]
         [--configs default,guidance1,ddim,euler,euler_a,dpmpp_2m,unipc] [--keep] [--workdir DIR]
 
-Builds one prompt table (nodes.shapes.prompt_rows): --rows prompts over every colour-shape combination plus
---held-out-rows over only the combinations training never showed (nodes.shapes.HELD_OUT), all drawn with --seed,
+Builds one prompt table (nodes.shapes.domain.prompt_rows): --rows prompts over every colour-shape combination plus
+--held-out-rows over only the combinations training never showed (nodes.shapes.domain.HELD_OUT), all drawn with --seed,
 apart from the training draws. For each configuration it runs `generate_dataset` then `evaluate_dataset` (the
 flows behind `sdflow generate` and `sdflow evaluate`, in this process on one temporary Prefect server) and prints
 the accuracy per attribute over all rows, the accuracy on held-out combinations, the mean CLIP score and the
@@ -70,8 +70,8 @@ def main() -> None:
 
     from flows.evaluate import evaluate_dataset
     from flows.generate import generate_dataset
-    from nodes.evaluate import held_out_pair_accuracy, summarize
-    from nodes.shapes import prompt_rows
+    from nodes.shapes.evaluate import held_out_pair_accuracy, summarize
+    from nodes.shapes.domain import prompt_rows
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sdflow-quality-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
     python tests/bench/bench_throughput.py [--rows N] [--batch-size B] [--steps S] [--size small|medium]
         [--scheduler NAME] [--guidance G] [--repeats R] [--threads T] [--keep] ...
 
-Builds a toy Stable Diffusion with nodes.toymodel (random weights, nothing downloaded), writes a Parquet
+Builds a toy Stable Diffusion with nodes.shapes.builders (random weights, nothing downloaded), writes a Parquet
 prompt table of N rows with an `id`, `prompt` and `seed` column, then runs, each as its own process with
 the same environment:
   (a) `sdflow generate TABLE OUT --model M --steps S --guidance G --batch-size B ...`
@@ -37,7 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 BASELINE = HERE / "baseline_diffusers.py"
-sys.path.insert(0, str(REPO))  # nodes.toymodel, also when the package is not installed
+sys.path.insert(0, str(REPO))  # nodes.shapes.builders, also when the package is not installed
 
 # Model sizes. `medium` makes the U-Net the dominant cost (its width and depth grow; text encoder and VAE
 # stay small), so that the comparison is about the generation loop rather than Python overheads.
@@ -92,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_model(path: Path, size: str, steps: int, guidance: float) -> dict:
     """Save the toy model; returns a description of it (parameters per component, image size)."""
-    from nodes.toymodel import ToyModelConfig, save_toy_model
+    from nodes.shapes.builders import ToyModelConfig, save_toy_model
 
     config = ToyModelConfig(**SIZES[size])
     save_toy_model(path, config, defaults={"steps": steps, "guidance_scale": guidance})
@@ -141,11 +141,11 @@ def check_scheduler_tables() -> str | None:
     baseline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(baseline)  # imports diffusers and torch, as this process has already
     try:
-        from nodes.denoise import SCHEDULERS
+        from nodes.params import SAMPLERS
     except Exception as e:  # sdflow's modules are being edited by others: do not fail the benchmark on it
-        return f"could not import nodes.denoise to compare schedulers ({type(e).__name__}: {e})"
-    if baseline.SCHEDULERS != SCHEDULERS:
-        return "baseline_diffusers.SCHEDULERS differs from nodes.denoise.SCHEDULERS: the two sides may not use the same scheduler"
+        return f"could not import nodes.params to compare samplers ({type(e).__name__}: {e})"
+    if baseline.SCHEDULERS != {name: (s.scheduler, s.overrides) for name, s in SAMPLERS.items()}:
+        return "baseline_diffusers.SCHEDULERS differs from nodes.params.SAMPLERS: the two sides may not use the same scheduler"
     return None
 
 

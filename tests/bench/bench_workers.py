@@ -52,7 +52,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-sys.path.insert(0, str(REPO))  # nodes.toymodel, also when the package is not installed
+sys.path.insert(0, str(REPO))  # nodes.shapes.builders, also when the package is not installed
 sys.path.insert(0, str(HERE))
 
 from bench_throughput import COMMON_ENV, build_model, close_workdir, write_prompt_table  # noqa: E402  (SIZES['medium'])
@@ -351,7 +351,7 @@ t1 = time.perf_counter()
 import flows.generate  # what unpickling the first ShardRequest adds (its RunConfig lives there)
 t2 = time.perf_counter()
 import torch
-from nodes.models import inspect_model, load_components, resolve_device, resolve_dtype
+from nodes.pipeline.components import inspect_model, load_components, resolve_device, resolve_dtype
 info = inspect_model(sys.argv[1], {})
 device = resolve_device("cpu")
 components = load_components(info, device, resolve_dtype(None, device))

@@ -1,8 +1,9 @@
-"""Model resolution and loading: read a diffusers-format model's configs, then load its components once per process.
+"""Model inspection and loading: read a diffusers-format model's configs, then load its family's components once per process.
 
 `inspect_model` reads only small JSON configs, so a run can validate its whole prompt table against the
-model's sizes before a single weight is loaded. `load_components` loads tokenizer, text encoder, U-Net and
-VAE from safetensors and keeps them for the life of the process, keyed by model, device and dtype.
+model's sizes, and refuse a family it cannot run, before a single weight is loaded. `load_components` loads
+the components the model's family declares (tokenizers, text encoders, U-Net, VAE) from safetensors and
+keeps them for the life of the process, keyed by model, device and dtype.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from nodes.errors import ModelError
+from nodes.pipeline.family import FAMILIES, ModelFamily, family_of
 
 log = logging.getLogger("sdflow")
 
 # Models that ship inside the package, by the name a user passes to --model.
-# sdflow:shapes is a toy Stable Diffusion trained by `python -m flows.train` on the shapes domain (nodes.shapes);
-# sdflow:tiny-random has the same kind of components with random weights (nodes.toymodel), for plumbing tests.
+# sdflow:shapes is a toy Stable Diffusion trained by `python -m flows.train` on the shapes domain (nodes.shapes.domain);
+# sdflow:tiny-random has the same kind of components with random weights (nodes.shapes.builders), for plumbing tests.
 BUILTIN_MODELS = {"sdflow:shapes": "shapes", "sdflow:tiny-random": "tiny-random"}
 DEFAULT_MODEL = "sdflow:shapes"
 
@@ -47,6 +49,7 @@ class ModelInfo:
 
     ref: str  # the model as the user named it: builtin name, folder, fsspec URL or hub id
     source: str  # what from_pretrained loads: a local folder or a hub id
+    family: str  # a key of nodes.pipeline.family.FAMILIES
     fingerprint: str  # sha256 over the component configs and weight file sizes, short
     vae_scale_factor: int  # image pixels per latent pixel
     size_multiple: int  # width and height must be multiples of this
@@ -60,16 +63,34 @@ class ModelInfo:
 
 @dataclass
 class Components:
-    """A loaded model on one device: the modules of StableDiffusionPipeline without its safety checker."""
+    """A loaded model on one device: the components its family declares, by name (a pipeline without safety checker)."""
 
     info: ModelInfo
-    tokenizer: object  # transformers.CLIPTokenizer
-    text_encoder: torch.nn.Module  # transformers.CLIPTextModel
-    unet: torch.nn.Module  # diffusers.UNet2DConditionModel
-    vae: torch.nn.Module  # diffusers.AutoencoderKL
+    modules: dict[str, object]  # component name -> tokenizer or module (eval mode, no gradients)
     device: torch.device
     dtype: torch.dtype
     load_seconds: float
+
+    @property
+    def family(self) -> ModelFamily:
+        return FAMILIES[self.info.family]
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.modules["unet"]
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.modules["vae"]
+
+    @property
+    def tokenizer(self):
+        """The first text encoder's tokenizer (the one whose limit prompts are measured against)."""
+        return self.modules[self.family.text_encoders[0].tokenizer]
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.modules[self.family.text_encoders[0].text_encoder]
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -95,7 +116,7 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 
 def builtin_model_path(name: str) -> Path:
-    return Path(str(files("nodes") / "data" / BUILTIN_MODELS[name]))
+    return Path(str(files("nodes.shapes") / "data" / BUILTIN_MODELS[name]))
 
 
 def _local_model_dir(ref: str, storage_options: dict | None) -> Path | None:
@@ -149,6 +170,7 @@ def inspect_model(ref: str | None = None, storage_options: dict | None = None) -
     if local is not None and not local.is_dir():
         raise ModelError(f"model folder {ref} does not exist (or is not a folder).")
     configs = {name: _read_json(source, local, name) for name in COMPONENT_FILES}
+    family = family_of(configs["model_index.json"], ref)
     unet, vae = configs["unet/config.json"], configs["vae/config.json"]
     vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
     defaults = {}
@@ -163,6 +185,7 @@ def inspect_model(ref: str | None = None, storage_options: dict | None = None) -
     return ModelInfo(
         ref=ref,
         source=source,
+        family=family.name,
         fingerprint=digest.hexdigest()[:16],
         vae_scale_factor=vae_scale,
         # diffusers' pipelines require multiples of 8; the VAE needs its own factor too.
@@ -187,12 +210,16 @@ def import_model_classes() -> None:
     """Import the model classes that load_components needs (diffusers and transformers import them lazily,
     seconds on a CPU): callers with time to spare, such as a process waiting for its Prefect server, call
     this so that the load itself does not pay for it."""
+    for family in FAMILIES.values():
+        for _, library, name in family.components:
+            _component_class(library, name)  # the lazy import happens here
+
+
+def _component_class(library: str, name: str):
     import diffusers
     import transformers
 
-    for module, names in ((diffusers, ("AutoencoderKL", "UNet2DConditionModel")), (transformers, ("CLIPTextModel", "CLIPTokenizer"))):
-        for name in names:
-            getattr(module, name)  # the lazy import happens here
+    return getattr({"diffusers": diffusers, "transformers": transformers}[library], name)
 
 
 def model_loads() -> int:
@@ -203,7 +230,7 @@ def model_loads() -> int:
 def load_components(
     info: ModelInfo, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False
 ) -> Components:
-    """Load (once per process) the tokenizer, text encoder, U-Net and VAE, in eval mode.
+    """Load (once per process) the components of the model's family (tokenizers, text encoders, U-Net, VAE), in eval mode.
 
     Weights load from safetensors only: pickle checkpoints (.bin, .ckpt) can run code when loaded, so they
     are refused unless `allow_pickle`, and then with a warning.
@@ -212,29 +239,30 @@ def load_components(
     with _load_lock:
         if key in _loaded:
             return _loaded[key]
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
         started = time.perf_counter()
         kwargs = {"use_safetensors": None if allow_pickle else True}
         if allow_pickle:
             log.warning("model %s: pickle checkpoints allowed; loading one runs whatever code it holds", info.ref)
+        modules = {}
         try:
-            tokenizer = CLIPTokenizer.from_pretrained(info.source, subfolder="tokenizer")
-            text_encoder = CLIPTextModel.from_pretrained(info.source, subfolder="text_encoder", dtype=dtype, **kwargs)
-            unet = UNet2DConditionModel.from_pretrained(info.source, subfolder="unet", torch_dtype=dtype, **kwargs)
-            vae = AutoencoderKL.from_pretrained(info.source, subfolder="vae", torch_dtype=dtype, **kwargs)
+            for name, library, class_name in FAMILIES[info.family].components:
+                cls = _component_class(library, class_name)
+                if class_name.endswith("Tokenizer"):
+                    modules[name] = cls.from_pretrained(info.source, subfolder=name)
+                    continue
+                dtype_argument = {"dtype" if library == "transformers" else "torch_dtype": dtype}
+                module = cls.from_pretrained(info.source, subfolder=name, **dtype_argument, **kwargs)
+                modules[name] = module.to(device).eval().requires_grad_(False)
         except (OSError, ValueError) as e:
             hint = ""
             if not allow_pickle and "safetensors" in str(e).lower():
                 hint = " Its weights are not in safetensors; pass --allow-pickle to load pickle checkpoints (they can run code)."
             raise ModelError(f"model {info.ref} cannot be loaded: {e}{hint}") from None
-        modules = [m.to(device).eval().requires_grad_(False) for m in (text_encoder, unet, vae)]
         # Convolutions run faster on NHWC weights: measured ~10 % off the U-Net's time on CPU (oneDNN), and
         # the usual win for cuDNN in half precision. Outputs stay within float rounding of NCHW's.
-        for module in (unet, vae):
-            module.to(memory_format=torch.channels_last)
-        components = Components(info, tokenizer, *modules, device, dtype, time.perf_counter() - started)
+        for name in ("unet", "vae"):
+            modules[name].to(memory_format=torch.channels_last)
+        components = Components(info, modules, device, dtype, time.perf_counter() - started)
         _loaded[key] = components
         _load_count[0] += 1
         log.info("loaded %s on %s as %s in %.1f s", info.ref, device, dtype, components.load_seconds)

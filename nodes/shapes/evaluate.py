@@ -1,7 +1,7 @@
 """Scoring generated images of the shapes domain against their prompts, and contact sheets to look at them.
 
-Two scores per row: the deterministic judge (nodes.judge: what colour, shape, position and size the image shows,
-compared with what its prompt asks for, read by nodes.shapes.parse_caption), and a CLIP score from the toy CLIP
+Two scores per row: the deterministic judge (nodes.shapes.judge: what colour, shape, position and size the image shows,
+compared with what its prompt asks for, read by nodes.shapes.domain.parse_caption), and a CLIP score from the toy CLIP
 that the training flow saves beside the model (`clip/`). Pure functions over images and prompts; the evaluation
 flow (flows.evaluate) reads and writes the datasets.
 """
@@ -15,8 +15,8 @@ import pandas as pd
 from PIL import Image
 
 from nodes.errors import ModelError
-from nodes.judge import judge_image, score
-from nodes.shapes import HELD_OUT, parse_caption
+from nodes.shapes.judge import judge_image, score
+from nodes.shapes.domain import HELD_OUT, parse_caption
 
 ATTRIBUTES = ("colour", "shape", "position", "size")
 SPLITS = ("seen", "held-out", "all")  # colour-shape combinations shown in training, never shown, and both

@@ -2,7 +2,8 @@
 
 Layout of an output dataset (local folder or any fsspec URL):
     OUT/data/part-NNNNN.parquet   one shard per chunk of prompt-table rows; a plain glob of data/ is the dataset
-    OUT/manifest.json             run parameters, versions, row counts, shards and timings, written last
+    OUT/_shards/NNNNN.json        each shard's marker, written after its data (nodes.dataset.commit)
+    OUT/manifest.json             run parameters, versions, row counts, shards and timings, written last (nodes.dataset.manifest)
 Files are written whole: locally to a temporary name, fsynced and renamed; on object stores as one upload.
 """
 
@@ -25,24 +26,10 @@ from prefect.cache_policies import NO_CACHE
 
 from nodes.errors import StorageError
 from nodes.faults import crash_point
-from nodes.params import Row
+from nodes.params import COLUMNS, SAMPLERS, Row
 
 ROW_GROUP_ROWS = 64  # rows per Parquet row group: a few MB of 512px PNGs, what `datasets` streams by
 PNG_COMPRESS_LEVEL = 6  # zlib level; PNG is lossless at every level, lower only trades size for speed
-
-# AUTOMATIC1111's sampler names, so that image tools that read its infotext show ours correctly.
-A1111_SAMPLERS = {
-    "ddim": ("DDIM", None),
-    "pndm": ("PLMS", None),
-    "lms": ("LMS", None),
-    "euler": ("Euler", None),
-    "euler_a": ("Euler a", None),
-    "heun": ("Heun", None),
-    "dpmpp_2m": ("DPM++ 2M", None),
-    "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
-    "unipc": ("UniPC", None),
-}
-
 
 def _quote(value) -> str:
     """Quote an infotext value as AUTOMATIC1111 does: JSON string syntax where it holds , : or a newline."""
@@ -52,10 +39,10 @@ def _quote(value) -> str:
 
 def infotext(row: Row, scheduler: str, model: str, version: str) -> str:
     """The row's generation parameters in AUTOMATIC1111's "parameters" format."""
-    sampler, schedule = A1111_SAMPLERS.get(scheduler, (scheduler, None))
-    fields = [("Steps", row.steps), ("Sampler", sampler)]
-    if schedule:
-        fields.append(("Schedule type", schedule))
+    known = SAMPLERS.get(scheduler)
+    fields = [("Steps", row.steps), ("Sampler", known.a1111 if known else scheduler)]
+    if known and known.schedule:
+        fields.append(("Schedule type", known.schedule))
     fields += [
         ("CFG scale", f"{row.guidance_scale:g}"),
         ("Seed", row.seed),
@@ -110,23 +97,32 @@ IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 def shard_table(rows: list[Row], pngs: dict[int, bytes], carried: pa.Table, scheduler: str, model: str) -> pa.Table:
     """The output rows of one shard, in prompt-table order: image, parameters, then carried columns."""
     images = pa.array([{"bytes": pngs[r.position], "path": None} for r in rows], type=IMAGE_TYPE)
-    columns = {
-        "image": images,
-        "id": pa.array([r.id for r in rows]),
-        "prompt": pa.array([r.prompt for r in rows], pa.string()),
-        "negative_prompt": pa.array([r.negative_prompt for r in rows], pa.string()),
-        "seed": pa.array([r.seed for r in rows], pa.int64()),
-        "steps": pa.array([r.steps for r in rows], pa.int32()),
-        "guidance_scale": pa.array([r.guidance_scale for r in rows], pa.float64()),
-        "width": pa.array([r.width for r in rows], pa.int32()),
-        "height": pa.array([r.height for r in rows], pa.int32()),
-        "scheduler": pa.array([scheduler] * len(rows), pa.string()),
-        "model": pa.array([model] * len(rows), pa.string()),
-    }
+    columns = {"image": images}
+    for column in COLUMNS:
+        columns[column.name] = pa.array([getattr(r, column.name) for r in rows], column.written)
+    columns["scheduler"] = pa.array([scheduler] * len(rows), pa.string())
+    columns["model"] = pa.array([model] * len(rows), pa.string())
     for name in carried.column_names:
         columns[name] = carried.column(name)
     table = pa.table(columns)
     return table.replace_schema_metadata(huggingface_metadata(table.schema))
+
+
+STORAGE_OPTIONS_ENV = "SDFLOW_STORAGE_OPTIONS"  # JSON fsspec options; kept out of flow parameters (secrets)
+
+
+def storage_options_from_env() -> dict:
+    """fsspec storage options from SDFLOW_STORAGE_OPTIONS; credentials never travel as flow parameters."""
+    raw = os.environ.get(STORAGE_OPTIONS_ENV)
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise StorageError(f"{STORAGE_OPTIONS_ENV} (or --storage-options) is not valid JSON: {e}.") from None
+    if not isinstance(options, dict):
+        raise StorageError(f"{STORAGE_OPTIONS_ENV} (or --storage-options) must be a JSON object.")
+    return options
 
 
 def open_output(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -227,10 +223,6 @@ def decode_images(column: pa.ChunkedArray | pa.Array) -> list[Image.Image]:
 
 def shard_path(root: str, index: int) -> str:
     return f"{root}/data/part-{index:05d}.parquet"
-
-
-def write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> None:
-    write_file(fs, f"{root}/manifest.json", (json.dumps(manifest, indent=2, default=str) + "\n").encode(), "manifest")
 
 
 encode_pngs_task = task(encode_pngs, name="encode-pngs", cache_policy=NO_CACHE, persist_result=False)

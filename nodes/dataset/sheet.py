@@ -7,7 +7,11 @@ import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
 
+from nodes.dataset.store import decode_images, read_dataset_file
+
 TILE = 128  # pixels per side of each image on a contact sheet (64x64 images are shown 2x, pixel for pixel)
+SHEET_ROWS = 32  # images on a contact sheet: the dataset's first rows
+CONTACT_SHEET = "contact_sheet.png"  # under OUT
 CAPTION_LINES = 4
 FONT_SIZE = 11
 MARK_COLOURS = {True: (40, 160, 60), False: (210, 40, 40)}  # frame of a judged image: all correct, or not
@@ -59,3 +63,16 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def first_images(fs, root: str, markers, count: int) -> tuple[list[Image.Image], list[str]]:
+    """The images and prompts of a dataset's first `count` rows (committed shards in index order)."""
+    images, prompts = [], []
+    for marker in markers:
+        if len(images) >= count:
+            break
+        if marker["file"]:
+            table = read_dataset_file(fs, root, marker["file"], ["image", "prompt"]).slice(0, count - len(images))
+            images += decode_images(table.column("image"))
+            prompts += table.column("prompt").to_pylist()
+    return images, prompts

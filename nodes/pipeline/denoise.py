@@ -9,45 +9,26 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from nodes.encode import PromptEmbeddings, uses_guidance
+from nodes.pipeline.encode import PromptEmbeds, uses_guidance
 from nodes.errors import SdflowError
 from nodes.faults import crash_point
-from nodes.models import Components
-from nodes.params import SCHEDULER_NAMES, Row
-
-# sdflow name -> (diffusers scheduler class, config overrides). Names follow the samplers users know
-# from AUTOMATIC1111 and ComfyUI; "dpmpp_2m" is DPM-Solver++ of order 2, multistep.
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-assert tuple(SCHEDULERS) == SCHEDULER_NAMES
-
+from nodes.pipeline.components import Components
+from nodes.params import SAMPLERS, Row
 
 def scheduler_name(name: str | None, base_config: dict) -> str:
     """The sdflow name of a scheduler choice; None means the model's own, named by its class."""
     if name is None:
         own = base_config["_class_name"]
-        plain = [n for n, (cls, overrides) in SCHEDULERS.items() if cls == own and not overrides]
+        plain = [n for n, s in SAMPLERS.items() if s.scheduler == own and not s.overrides]
         return plain[0] if plain else own
-    if name not in SCHEDULERS:
-        raise SdflowError(f"--scheduler {name!r} is not one of: {', '.join(SCHEDULERS)}.")
+    if name not in SAMPLERS:
+        raise SdflowError(f"--scheduler {name!r} is not one of: {', '.join(SAMPLERS)}.")
     return name
 
 
 def make_scheduler(name: str | None, base_config: dict, steps: int, device: torch.device):
     """A fresh scheduler (they are stateful: one per batch in flight) with its timesteps set."""
-    cls, overrides = (base_config["_class_name"], {}) if name is None else SCHEDULERS[name]
+    cls, overrides = (base_config["_class_name"], {}) if name is None else (SAMPLERS[name].scheduler, SAMPLERS[name].overrides)
     scheduler = getattr(diffusers, cls).from_config(base_config, **overrides)
     scheduler.set_timesteps(steps, device=device)
     return scheduler
@@ -58,7 +39,7 @@ def denoise(
     components: Components,
     scheduler,
     latents: torch.Tensor,
-    embeds: PromptEmbeddings,
+    embeds: PromptEmbeds,
     rows: list[Row],
     generators: list[torch.Generator],
 ) -> torch.Tensor:
@@ -68,14 +49,15 @@ def denoise(
     and a batch where no row uses guidance skips the unconditional pass entirely.
     """
     unet = components.unet
-    guided = embeds.uncond is not None
+    guided = embeds.negative_prompt_embeds is not None
     if guided:
-        context = torch.cat([embeds.uncond, embeds.cond])
+        context = torch.cat([embeds.negative_prompt_embeds, embeds.prompt_embeds])
         scale = torch.tensor([r.guidance_scale for r in rows], device=latents.device, dtype=latents.dtype)
         scale = scale.view(-1, 1, 1, 1)
         mask = torch.tensor([uses_guidance(r.guidance_scale) for r in rows], device=latents.device).view(-1, 1, 1, 1)
     else:
-        context = embeds.cond
+        context = embeds.prompt_embeds
+    added = components.family.conditioning(components, rows, embeds, guided)  # the family's extra U-Net inputs
     step_params = inspect.signature(scheduler.step).parameters
     step_kwargs = {}
     if "eta" in step_params:
@@ -85,7 +67,7 @@ def denoise(
     for t in scheduler.timesteps:
         model_input = torch.cat([latents] * 2) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        noise = unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
+        noise = unet(model_input, t, encoder_hidden_states=context, **added, return_dict=False)[0]
         if guided:
             noise_uncond, noise_text = noise.chunk(2)
             noise = torch.where(mask, noise_uncond + scale * (noise_text - noise_uncond), noise_text)

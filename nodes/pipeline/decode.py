@@ -11,7 +11,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from nodes.models import Components
+from nodes.pipeline.components import Components
 
 log = logging.getLogger("sdflow")
 _float32_vaes: dict[int, torch.nn.Module] = {}

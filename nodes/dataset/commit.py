@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from nodes.errors import TASK_RETRIES, StorageError
 from nodes.faults import crash_point
 from nodes.params import Row
-from nodes.store import (
+from nodes.dataset.store import (
     SHARD_FILE,
     is_temporary,
     parquet_bytes,
@@ -197,3 +197,12 @@ def write_shard(
 
 
 write_shard_task = task(write_shard, name="write-shard", cache_policy=NO_CACHE, persist_result=False, **TASK_RETRIES)
+
+
+def shard_failures(rows: list[Row], keys, failed: dict[int, str]) -> list[dict]:
+    """The marker's record of rows that failed: key, id, position and error."""
+    return [
+        {"key": f"{int(k):016x}", "id": r.id, "position": r.position, "error": failed[r.position]}
+        for r, k in zip(rows, keys)
+        if r.position in failed
+    ]

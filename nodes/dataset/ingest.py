@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -21,24 +20,21 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from nodes.errors import PromptTableError, name_ids
-from nodes.models import ModelInfo
-from nodes.params import CONTROL_COLUMNS, MAX_SEED, MAX_SIDE, MAX_STEPS, OUTPUT_COLUMNS, GenerationDefaults, Row
-
-# What each control column may hold, as (predicate on the Arrow type, words for the error message).
-_INTEGER = (lambda t: pa.types.is_integer(t) or pa.types.is_floating(t), "an integer")
-_NUMBER = (lambda t: pa.types.is_integer(t) or pa.types.is_floating(t), "a number")
-_TEXT = (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "a string")
-_ID = (lambda t: pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t), "an integer or a string")
-COLUMN_TYPES = {
-    "id": _ID,
-    "prompt": _TEXT,
-    "negative_prompt": _TEXT,
-    "seed": _INTEGER,
-    "steps": _INTEGER,
-    "guidance_scale": _NUMBER,
-    "width": _INTEGER,
-    "height": _INTEGER,
-}
+from nodes.pipeline.components import ModelInfo
+from nodes.params import (
+    COLUMN_NAMES,
+    COLUMNS,
+    KINDS,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    OUTPUT_COLUMNS,
+    GenerationDefaults,
+    Row,
+    finite_number,
+    image_side,
+    whole_number,
+)
 
 SCAN_ROWS = 65_536  # rows per record batch in the planning pass: a few MB of control columns
 
@@ -95,16 +91,16 @@ def check_schema(schema: pa.Schema, url: str) -> tuple[str, ...]:
         raise PromptTableError(
             f"prompt table {url} has no 'prompt' column; the columns found are: {', '.join(names) or '(none)'}."
         )
-    for name in CONTROL_COLUMNS:
-        if name not in names:
+    for column in COLUMNS:
+        if column.name not in names:
             continue
-        dtype = schema.field(name).type
+        dtype = schema.field(column.name).type
         if pa.types.is_dictionary(dtype):
             dtype = dtype.value_type
-        accepts, words = COLUMN_TYPES[name]
+        accepts, words = KINDS[column.kind]
         if not (accepts(dtype) or pa.types.is_null(dtype)):
-            raise PromptTableError(f"column '{name}' of prompt table {url} has type {dtype}; it must hold {words}.")
-    carried = tuple(n for n in names if n not in CONTROL_COLUMNS)
+            raise PromptTableError(f"column '{column.name}' of prompt table {url} has type {dtype}; it must hold {words}.")
+    carried = tuple(n for n in names if n not in COLUMN_NAMES)
     clashes = [n for n in carried if n in OUTPUT_COLUMNS]
     if clashes:
         raise PromptTableError(
@@ -147,23 +143,6 @@ def iter_row_chunks(
         yield start, pa.Table.from_batches(pending)
 
 
-def derive_seed(run_seed: int, row_id: int | str) -> int:
-    """A row's seed when the table gives none: a stable hash of the run seed and the row id, in [0, 2**63)."""
-    digest = hashlib.blake2b(f"{run_seed}\x1f{row_id!r}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
-
-
-def _integer(value, low: int, high: int) -> int | None:
-    """`value` as an int if it is a whole number in [low, high], else None."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, float):
-        if not math.isfinite(value) or not value.is_integer():
-            return None
-        value = int(value)
-    return value if low <= value <= high else None
-
-
 def _values(chunk: pa.Table, name: str, start: int) -> list:
     """A column's values as Python objects; text that is not UTF-8 is an error naming the rows."""
     try:
@@ -190,12 +169,6 @@ def _is_utf8(value: bytes) -> bool:
         return False
 
 
-def check_size(value, size_multiple: int) -> int | None:
-    """A width or height if it is a positive multiple of `size_multiple` up to MAX_SIDE, else None."""
-    side = _integer(value, size_multiple, MAX_SIDE)
-    return side if side is not None and side % size_multiple == 0 else None
-
-
 def resolve_rows(
     chunk: pa.Table, start: int, defaults: GenerationDefaults, size_multiple: int
 ) -> tuple[list[Row], dict[int, tuple[int | str, tuple[str, str]]]]:
@@ -204,54 +177,24 @@ def resolve_rows(
     Returns the valid rows and, for each invalid row position, its id and (column, problem).
     """
     n = chunk.num_rows
-    cols = {name: _values(chunk, name, start) for name in CONTROL_COLUMNS if name in chunk.column_names}
-    none = [None] * n
-    ids = cols.get("id") or list(range(start, start + n))
-    problems = {
-        "prompt": "must be a non-empty string",
-        "id": "must not be null",
-        "seed": f"must be a whole number from 0 to {MAX_SEED}",
-        "steps": f"must be a whole number from 1 to {MAX_STEPS}",
-        "guidance_scale": "must be a finite number",
-        "width": f"must be a multiple of {size_multiple} from {size_multiple} to {MAX_SIDE}",
-        "height": f"must be a multiple of {size_multiple} from {size_multiple} to {MAX_SIDE}",
-    }
+    values = {c.name: _values(chunk, c.name, start) for c in COLUMNS if c.name in chunk.column_names}
+    values.setdefault("id", list(range(start, start + n)))
+    read = [values.get(c.name, [None] * n) for c in COLUMNS]
     rows: list[Row] = []
     invalid: dict[int, tuple[int | str, tuple[str, str]]] = {}
-    for i, (row_id, prompt, negative, seed, steps, guidance, width, height) in enumerate(
-        zip(
-            ids,
-            cols["prompt"],
-            cols.get("negative_prompt", none),
-            cols.get("seed", none),
-            cols.get("steps", none),
-            cols.get("guidance_scale", none),
-            cols.get("width", none),
-            cols.get("height", none),
-        )
-    ):
-        resolved = {
-            "id": row_id,
-            "prompt": prompt if isinstance(prompt, str) and prompt.strip() else None,
-            "seed": derive_seed(defaults.seed, row_id) if seed is None else _integer(seed, 0, MAX_SEED),
-            "steps": defaults.steps if steps is None else _integer(steps, 1, MAX_STEPS),
-            "guidance_scale": defaults.guidance_scale if guidance is None else float(guidance),
-            "width": defaults.width if width is None else check_size(width, size_multiple),
-            "height": defaults.height if height is None else check_size(height, size_multiple),
-        }
-        if not math.isfinite(resolved["guidance_scale"]):
-            resolved["guidance_scale"] = None
-        if None in resolved.values():  # find which column only when one is bad: this loop is per row
-            bad = next(name for name, value in resolved.items() if value is None)
-            invalid[start + i] = (row_id, (bad, problems[bad]))
-            continue
-        rows.append(
-            Row(
-                position=start + i,
-                negative_prompt=defaults.negative_prompt if negative is None else negative,
-                **resolved,
-            )
-        )
+    for i, row_values in enumerate(zip(*read)):
+        row_id = row_values[0]
+        resolved = {}
+        for column, value in zip(COLUMNS, row_values):
+            if value is None and column.default is not None:
+                resolved[column.name] = column.default(defaults, row_id)
+                continue
+            resolved[column.name] = column.check(value, size_multiple)
+            if resolved[column.name] is None:
+                invalid[start + i] = (row_id, (column.name, column.rule.format(m=size_multiple)))
+                break
+        else:
+            rows.append(Row(position=start + i, **resolved))
     return rows, invalid
 
 
@@ -280,14 +223,11 @@ def resolve_defaults(
     """The run's defaults: each option as given, else the model's own; errors name the option."""
     m = info.size_multiple
     checks = {
-        "--steps": (info.default_steps if steps is None else steps, lambda v: _integer(v, 1, MAX_STEPS)),
-        "--guidance": (
-            info.default_guidance if guidance_scale is None else guidance_scale,
-            lambda v: float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None,
-        ),
-        "--width": (info.native_size if width is None else width, lambda v: check_size(v, m)),
-        "--height": (info.native_size if height is None else height, lambda v: check_size(v, m)),
-        "--seed": (seed, lambda v: _integer(v, 0, MAX_SEED)),
+        "--steps": (info.default_steps if steps is None else steps, lambda v: whole_number(v, 1, MAX_STEPS)),
+        "--guidance": (info.default_guidance if guidance_scale is None else guidance_scale, finite_number),
+        "--width": (info.native_size if width is None else width, lambda v: image_side(v, m)),
+        "--height": (info.native_size if height is None else height, lambda v: image_side(v, m)),
+        "--seed": (seed, lambda v: whole_number(v, 0, MAX_SEED)),
     }
     values = {}
     for option, (value, check) in checks.items():
@@ -313,18 +253,16 @@ OPTION_RULES = {
 }
 
 
+KEY_COLUMNS = tuple(c.name for c in COLUMNS if c.in_key)
 _KEY_JSON = json.JSONEncoder(ensure_ascii=False).encode  # exactly json.dumps(..., ensure_ascii=False), built once
 
 
 def row_key(row: Row, scheduler: str, model_fingerprint: str) -> int:
-    """A row's identity as a 64-bit integer: its id, prompt, negative prompt, seed, parameters and model.
+    """A row's identity as a 64-bit integer: its columns that enter the key (COLUMNS), the sampler and the model.
 
     A committed row with the same key is the same image; changing any of these makes a new row.
     """
-    payload = _KEY_JSON(
-        [row.id, row.prompt, row.negative_prompt, row.seed, row.steps, row.guidance_scale, row.width, row.height,
-         scheduler, model_fingerprint]
-    )
+    payload = _KEY_JSON([getattr(row, name) for name in KEY_COLUMNS] + [scheduler, model_fingerprint])
     return int.from_bytes(hashlib.blake2b(payload.encode(), digest_size=8).digest(), "big")
 
 
@@ -359,7 +297,7 @@ def plan_prompt_table(
     """
     pf = open_prompt_table(url, storage_options)
     carried = check_schema(pf.schema_arrow, url)
-    control = [c for c in CONTROL_COLUMNS if c in pf.schema_arrow.names]
+    control = [c for c in COLUMN_NAMES if c in pf.schema_arrow.names]
     has_ids = "id" in control
     done = np.sort(done_keys) if done_keys is not None else np.empty(0, np.uint64)
     invalid: dict[int, tuple[int | str, tuple[str, str]]] = {}
@@ -464,14 +402,6 @@ def iter_shard_rows(
             yield flush(plan.rows_per_shard)
     if buffered:
         yield flush(buffered)
-
-
-def make_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:
-    """Group rows into batches of up to `batch_size` that share width, height and steps, in first-seen order."""
-    groups: dict[tuple[int, int, int], list[Row]] = defaultdict(list)
-    for row in rows:
-        groups[row.shape_key].append(row)
-    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
 plan_prompt_table_task = task(plan_prompt_table, name="plan-prompt-table", cache_policy=NO_CACHE, persist_result=False)

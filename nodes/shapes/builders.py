@@ -152,7 +152,7 @@ def save_toy_model(
     return path
 
 
-if __name__ == "__main__":  # python -m nodes.toymodel OUT_DIR: rebuild the bundled tiny random model
+if __name__ == "__main__":  # python -m nodes.shapes.builders OUT_DIR: rebuild the bundled tiny random model
     import sys
 
     save_toy_model(sys.argv[1], defaults={"steps": 20, "guidance_scale": 7.5})

@@ -2,7 +2,7 @@
 
 Every image shows one filled shape, described by a `Scene` (colour, shape, position, size); every caption names
 those four attributes in words that `parse_caption` reads back, so a generated image can be scored against its
-prompt by `nodes.judge`. Pure numpy, deterministic from a seed, nothing downloaded.
+prompt by `nodes.shapes.judge`. Pure numpy, deterministic from a seed, nothing downloaded.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ IMAGE_SIZE = 64  # pixels per side of every image
 SUPERSAMPLE = 4  # shapes are sampled at 4x per side and box-filtered down: anti-aliased edges
 
 # Saturated colours near the six RGB primaries and secondaries, whose hues sit 55-67 degrees apart around the
-# colour wheel (measured in the opponent-colour plane that nodes.judge uses: red 30, yellow 85, green 146,
+# colour wheel (measured in the opponent-colour plane that nodes.shapes.judge uses: red 30, yellow 85, green 146,
 # cyan 213, blue 267, purple 323), so a blurred or slightly shifted rendition keeps its nearest hue; each is
 # also at least ~180 RGB levels from the background, so the object separates from it. No orange: it would sit
 # between red and yellow and halve their margin.
@@ -94,7 +94,7 @@ def _words_of(text: str) -> list[str]:
 
 
 # Every word a caption can contain, plus the synonyms parse_caption accepts (so a hand-written prompt with
-# them tokenizes to whole words too), for nodes.toymodel.toy_tokenizer_files.
+# them tokenizes to whole words too), for nodes.shapes.builders.toy_tokenizer_files.
 DOMAIN_WORDS: tuple[str, ...] = tuple(
     dict.fromkeys(
         ["a", "an"]

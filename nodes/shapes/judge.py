@@ -3,7 +3,7 @@
 Measures the image itself (no model): the background from the border, the object as the largest connected
 region that differs from it, then colour from the object's hue, shape from its outline, position from its
 bounding-box centre and size from its bounding-box side. `score` compares the result with the scene a prompt
-asked for (see nodes.shapes.parse_caption). Made to read generated images: blurred, noisy or colour-cast ones.
+asked for (see nodes.shapes.domain.parse_caption). Made to read generated images: blurred, noisy or colour-cast ones.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from nodes.shapes import (
+from nodes.shapes.domain import (
     COLOURS,
     IMAGE_SIZE,
     POSITION_CENTRES,
@@ -87,7 +87,7 @@ def _nearest_colour(difference: np.ndarray) -> str | None:
 
 
 # Area of each shape as a fraction of its square bounding box, and how far its centroid sits below the box centre
-# (fraction of the side): both exact for nodes.shapes.render, and unchanged by blur, which keeps area and centroid.
+# (fraction of the side): both exact for nodes.shapes.domain.render, and unchanged by blur, which keeps area and centroid.
 _FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
 _CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1 / 6}
 _BLURS = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)  # Gaussian sigmas (pixels) each shape's outline is tried with

@@ -2,7 +2,7 @@
 
 Pure functions, no Prefect: component specs and builders, one training loop per component (CLIP, VAE, U-Net) and
 the saving of the result in diffusers format, with the same classes and on-disk layout as a real SD checkpoint.
-Examples are drawn on the fly from `nodes.shapes`: step i of a component takes its batch, noise and timesteps from
+Examples are drawn on the fly from `nodes.shapes.domain`: step i of a component takes its batch, noise and timesteps from
 a seed derived from (run seed, component, i), so a run is reproducible from its seed alone.
 """
 
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nodes import shapes
-from nodes.toymodel import SD_SCHEDULER_CONFIG, TOY_WORDS, toy_tokenizer_files
+from nodes.shapes import domain
+from nodes.shapes.builders import SD_SCHEDULER_CONFIG, TOY_WORDS, toy_tokenizer_files
 
 # The U-Net learns to denoise along SD v1.5's scaled-linear schedule, and the saved sampler walks it.
 # Stable Diffusion v1's noise schedule and timestep spacing ("leading", what its PNDM config implies), for
@@ -91,7 +91,7 @@ class UnetSpec:
 
 def domain_words() -> tuple[str, ...]:
     """Whole-word tokens of the tokenizer: every caption word of the domain, then the toy words, without repeats."""
-    return tuple(dict.fromkeys(shapes.DOMAIN_WORDS + tuple(TOY_WORDS)))
+    return tuple(dict.fromkeys(domain.DOMAIN_WORDS + tuple(TOY_WORDS)))
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -107,7 +107,7 @@ def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
 
 
 def whole_word_tokenizer_files(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """`nodes.toymodel.toy_tokenizer_files(words)`, plus the merges that make every word one token.
+    """`nodes.shapes.builders.toy_tokenizer_files(words)`, plus the merges that make every word one token.
 
     Its merge chains can break each other: "an" merges before "triangle"'s chain reaches the a, which leaves
     "triangle" as six pieces. Each word still in pieces gets merges of its leftover pieces appended (ranked last,
@@ -148,7 +148,7 @@ def torch_threads(threads: int | None):
         torch.set_num_threads(previous)
 
 
-def derive_seed(seed: int, component: str, step: int) -> int:
+def training_seed(seed: int, component: str, step: int) -> int:
     """A 32-bit seed for one step of one component, from the run seed; the same inputs give the same seed."""
     digest = hashlib.sha256(f"sdflow-train:{seed}:{component}:{step}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
@@ -156,7 +156,7 @@ def derive_seed(seed: int, component: str, step: int) -> int:
 
 def step_seed(seed: int, component: str, step: int, distinct_batches: int = 0) -> int:
     """The seed of a training step; with `distinct_batches` N > 0 steps cycle through N seeds (N fixed batches)."""
-    return derive_seed(seed, component, step % distinct_batches if distinct_batches > 0 else step)
+    return training_seed(seed, component, step % distinct_batches if distinct_batches > 0 else step)
 
 
 def pixel_values(images: np.ndarray) -> torch.Tensor:
@@ -165,8 +165,8 @@ def pixel_values(images: np.ndarray) -> torch.Tensor:
 
 
 def example_batch(seed: int, n: int) -> tuple[torch.Tensor, list[str]]:
-    """`n` training-split examples from `nodes.shapes`: pixel values (n, 3, 64, 64) in [-1, 1] and captions."""
-    images, captions, _ = shapes.make_examples(n, seed, split="train")
+    """`n` training-split examples from `nodes.shapes.domain`: pixel values (n, 3, 64, 64) in [-1, 1] and captions."""
+    images, captions, _ = domain.make_examples(n, seed, split="train")
     return pixel_values(images), captions
 
 
@@ -250,7 +250,7 @@ def build_clip(spec: ClipSpec, tokenizer):
         intermediate_size=spec.vision_width * 4,
         num_hidden_layers=spec.vision_layers,
         num_attention_heads=spec.heads,
-        image_size=shapes.IMAGE_SIZE,
+        image_size=domain.IMAGE_SIZE,
         patch_size=spec.patch_size,
     )
     config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=spec.projection_dim)
@@ -265,7 +265,7 @@ def train_clip(
     Returns (the CLIPModel in eval mode, each step's loss). Captions are padded to the batch's longest only: the text
     tower is causal and pools at the first end token, so padding further would change nothing but the cost.
     """
-    torch.manual_seed(derive_seed(seed, "clip", -1))
+    torch.manual_seed(training_seed(seed, "clip", -1))
     clip = build_clip(spec, tokenizer).train()
 
     def step_loss(step: int) -> torch.Tensor:
@@ -304,7 +304,7 @@ def build_vae(spec: VaeSpec):
         up_block_types=("UpDecoderBlock2D",) * n,
         layers_per_block=spec.layers_per_block,
         norm_num_groups=norm_groups(spec.channels),
-        sample_size=shapes.IMAGE_SIZE,
+        sample_size=domain.IMAGE_SIZE,
     )
 
 
@@ -317,7 +317,7 @@ def train_vae(spec: VaeSpec, seed: int, distinct_batches: int = 0, on_step: Step
     Returns (the AutoencoderKL in eval mode, each step's loss). Its scaling factor is still the default: measure it
     with `measure_scaling_factor`.
     """
-    torch.manual_seed(derive_seed(seed, "vae", -1))
+    torch.manual_seed(training_seed(seed, "vae", -1))
     vae = build_vae(spec).train()
     with torch.no_grad():  # quant_conv's outputs are the posterior's (mean, log-variance) channels
         vae.quant_conv.bias[spec.latent_channels :] = spec.initial_logvar
@@ -340,7 +340,7 @@ def measure_scaling_factor(vae, samples: int, seed: int, batch_size: int = 64) -
     """1 / std of the VAE's latents (posterior samples) over `samples` training images, as SD measured its 0.18215."""
     latents = []
     for start in range(0, samples, batch_size):
-        step_rng = derive_seed(seed, "vae-scale", start)
+        step_rng = training_seed(seed, "vae-scale", start)
         images, _ = example_batch(step_rng, min(batch_size, samples - start))
         posterior = vae.encode(images).latent_dist
         latents.append(posterior.sample(generator=torch.Generator().manual_seed(step_rng)))
@@ -374,7 +374,7 @@ def build_unet(spec: UnetSpec, sample_size: int, cross_attention_dim: int):
 
 @torch.no_grad()
 def encode_captions(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
-    """Captions -> the text encoder's last hidden state (n, 77, width), padded to 77 as nodes.encode does."""
+    """Captions -> the text encoder's last hidden state (n, 77, width), padded to 77 as nodes.pipeline.encode does."""
     tokens = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
     return text_encoder(tokens.input_ids)[0]
 
@@ -407,8 +407,8 @@ def train_unet(
     noise_schedule = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     alphas_cumprod = noise_schedule.alphas_cumprod
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    torch.manual_seed(derive_seed(seed, "unet", -1))
-    unet = build_unet(spec, shapes.IMAGE_SIZE // vae_factor, text_encoder.config.hidden_size).train()
+    torch.manual_seed(training_seed(seed, "unet", -1))
+    unet = build_unet(spec, domain.IMAGE_SIZE // vae_factor, text_encoder.config.hidden_size).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     scaling_factor = vae.config.scaling_factor
 

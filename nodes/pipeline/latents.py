@@ -7,7 +7,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from nodes.models import Components
+from nodes.pipeline.components import Components
 from nodes.params import Row
 
 

@@ -1,0 +1,61 @@
+"""Shards made in this process: the engine with each stage as a Prefect task, PNG encoding beside it, commits overlapped."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from tqdm.auto import tqdm
+
+from nodes.dataset.commit import shard_failures, write_shard_task
+from nodes.dataset.ingest import PromptPlan, iter_shard_rows
+from nodes.dataset.manifest import package_version, software_versions
+from nodes.dataset.store import encode_pngs_task
+from nodes.params import GenerationDefaults, RunConfig
+from nodes.pipeline.batch import Stages, generate_shard_images
+from nodes.pipeline.decode import decode_latents_task
+from nodes.pipeline.denoise import denoise_task
+from nodes.pipeline.encode import encode_prompts_task
+from nodes.pipeline.latents import prepare_latents_task
+
+# The engine's stages as task runs: each stage of each batch is visible in Prefect.
+TASK_STAGES = Stages(encode_prompts_task, prepare_latents_task, denoise_task, decode_latents_task)
+
+
+def png_encoder(components, run: RunConfig):
+    """The engine's `encode_images`: submits a batch's PNG encoding (with its infotext) as a task, returns its future."""
+    release = package_version("sdflow")
+    model = components.info.ref
+    return lambda rows, images: encode_pngs_task.submit(images, rows, run.sampler, model, release)
+
+
+def marker_extra(run: RunConfig, device) -> dict:
+    """What a shard's marker records about how it was made, beyond its rows."""
+    return {"batch_size": run.batch_size, "versions": software_versions(), "device": str(device)}
+
+
+def generate_shards(
+    components, plan: PromptPlan, defaults: GenerationDefaults, run: RunConfig, fs, root: str, on_committed
+) -> None:
+    """Generate and commit the planned shards in this process; `on_committed(marker)` as each commits.
+
+    One shard may be committing while the next is generated, so memory stays flat.
+    """
+    info = components.info
+    extra = marker_extra(run, components.device)
+    encode_images = png_encoder(components, run)
+    bar = tqdm(total=plan.rows_to_generate, unit="img", disable=not run.progress, desc="generating")
+    encoding = deque()
+    writing = deque()
+    for shard, rows, carried, keys in iter_shard_rows(plan, defaults, info.size_multiple, run.storage_options):
+        pngs, failed = generate_shard_images(
+            components, rows, run, encode_images, encoding, lambda batch, failed: bar.update(len(batch)), stages=TASK_STAGES
+        )
+        failures = shard_failures(rows, keys, failed)
+        writing.append(
+            write_shard_task.submit(fs, root, shard.index, rows, keys, pngs, carried, run.sampler, info.ref, failures, extra)
+        )
+        while len(writing) > 1:
+            on_committed(writing.popleft().result())
+    for w in writing:
+        on_committed(w.result())
+    bar.close()

@@ -1,0 +1,84 @@
+"""The manifest: a dataset's record of what was asked and resolved, with which software, which shards hold it, what failed."""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+import fsspec
+
+from nodes.dataset.commit import Committed
+from nodes.dataset.ingest import PromptPlan
+from nodes.dataset.store import write_file
+from nodes.params import GenerationDefaults
+from nodes.pipeline.components import ModelInfo
+
+MANIFEST = "manifest.json"  # under OUT, written last
+
+
+def package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def software_versions() -> dict:
+    return {
+        "python": platform.python_version(),
+        **{p: package_version(p) for p in ("sdflow", "torch", "diffusers", "transformers", "prefect", "pyarrow")},
+    }
+
+
+def build_manifest(
+    parameters: dict,
+    defaults: GenerationDefaults,
+    info: ModelInfo,
+    device: str,
+    dtype: str,
+    plan: PromptPlan,
+    committed: Committed,
+    written: list[dict],
+    timings: dict,
+) -> dict:
+    """The dataset's record after a run: `committed` is every shard in OUT, `written` those this run committed."""
+    in_dataset = set(committed.keys.tolist())
+    failed = {f["key"]: f for m in committed.markers for f in m["failed"] if int(f["key"], 16) not in in_dataset}
+    return {
+        "format": "sdflow-dataset/1",
+        "parameters": parameters,
+        "resolved": {
+            "steps": defaults.steps,
+            "guidance_scale": defaults.guidance_scale,
+            "width": defaults.width,
+            "height": defaults.height,
+            "negative_prompt": defaults.negative_prompt,
+            "seed": defaults.seed,
+            "model": info.ref,
+            "model_fingerprint": info.fingerprint,
+            "device": device,
+            "dtype": dtype,
+        },
+        "versions": software_versions(),
+        "rows": {
+            "table": plan.num_rows,
+            "in_dataset": int(sum(m["rows"] for m in committed.markers)),
+            "generated": sum(m["rows"] for m in written),
+            "already_done": plan.already_done,
+            "invalid": len(plan.invalid),
+            "failed": len(failed),
+            "stale": plan.stale,
+        },
+        "invalid_rows": [
+            {"position": position, "id": row_id, "problem": problem}
+            for position, (row_id, problem) in sorted(plan.invalid.items())
+        ],
+        "failed_rows": list(failed.values()),
+        "shards": [{"shard": m["shard"], "file": m["file"], "rows": m["rows"]} for m in committed.markers if m["file"]],
+        "timings": timings,
+    }
+
+
+def write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: dict) -> None:
+    write_file(fs, f"{root}/{MANIFEST}", (json.dumps(manifest, indent=2, default=str) + "\n").encode(), "manifest")

@@ -1,0 +1,114 @@
+"""The engine: one batch of rows through the stages in order, and one shard's rows batch by batch.
+
+The stage order lives here and only here: the generation flow, the pool worker and the parity tests all call
+these functions. The stages are plain functions by default; the flows pass their Prefect tasks (`Stages` of
+the `*_task` wrappers), so that each stage of each batch is a task run, without the engine importing Prefect.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from nodes.errors import SdflowError
+from nodes.params import Row, RunConfig
+from nodes.pipeline.decode import decode_latents
+from nodes.pipeline.denoise import denoise, make_scheduler
+from nodes.pipeline.encode import encode_prompts
+from nodes.pipeline.latents import make_generators, prepare_latents
+
+log = logging.getLogger("sdflow")
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The stage functions the engine calls, in this order."""
+
+    encode_prompts: Callable = encode_prompts
+    prepare_latents: Callable = prepare_latents
+    denoise: Callable = denoise
+    decode_latents: Callable = decode_latents
+
+
+def generate_batch(components, scheduler: str | None, rows: list[Row], failed: dict[int, str], stages: Stages = Stages()):
+    """Run one batch (rows of one size and step count) through the stages; yields (rows, images) for the rows that came out.
+
+    Images are (B, H, W, 3) uint8 on the CPU. Out of memory halves the batch and tries again, down to one row.
+    Any other error isolates the rows: each is tried again alone, from fresh generators seeded as before (so a
+    retry never changes an image), and a row that still fails is recorded in `failed` (position -> error) and
+    left out, so the rest of the run goes on. Input errors stop the run.
+    """
+    try:
+        sched = make_scheduler(scheduler, components.info.scheduler_config, rows[0].steps, components.device)
+        generators = make_generators(rows)
+        embeds = stages.encode_prompts(components, rows)
+        latents = stages.prepare_latents(components, rows, generators, sched.init_noise_sigma)
+        latents = stages.denoise(components, sched, latents, embeds, rows, generators)
+        decoded = stages.decode_latents(components, latents)
+    except SdflowError:
+        raise
+    except Exception as e:
+        if len(rows) == 1:
+            failed[rows[0].position] = f"{type(e).__name__}: {e}"
+            log.warning("row %r failed: %s", rows[0].id, failed[rows[0].position])
+            return
+        if isinstance(e, torch.OutOfMemoryError):
+            half = len(rows) // 2
+            log.warning("out of memory at batch size %d; trying %d and %d", len(rows), half, len(rows) - half)
+            parts = [rows[:half], rows[half:]]
+        else:
+            parts = [[r] for r in rows]
+        for part in parts:
+            yield from generate_batch(components, scheduler, part, failed, stages)
+        return
+    for i in decoded.non_finite:
+        failed[rows[i].position] = "non-finite values after VAE decode, also in float32"
+        log.warning("row %r failed: %s", rows[i].id, failed[rows[i].position])
+    keep = [i for i in range(len(rows)) if i not in decoded.non_finite]
+    if keep:
+        yield [rows[i] for i in keep], decoded.images[keep]
+
+
+def make_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:
+    """Group rows into batches of up to `batch_size` that share width, height and steps, in first-seen order."""
+    groups: dict[tuple[int, int, int], list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.shape_key, []).append(row)
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
+def generate_shard_images(
+    components,
+    rows: list[Row],
+    run: RunConfig,
+    encode_images: Callable,
+    encoding: deque,
+    on_batch: Callable | None = None,
+    device_slot: Callable = nullcontext,
+    stages: Stages = Stages(),
+) -> tuple[list, dict[int, str]]:
+    """Generate one shard's rows batch by batch; returns its encoded-image futures (one per batch) and its failed rows.
+
+    `encode_images(rows, images)` starts a batch's image encoding and returns a future; that encoding overlaps the
+    next batch's denoising, with at most `run.batches_in_flight` batches waiting in `encoding` (shared across
+    shards), so memory stays bounded. `device_slot()` is held while a batch runs on the device (a per-device
+    concurrency slot on GPU workers); `on_batch(rows, failed so far)` follows each batch.
+    """
+    futures = []
+    failed: dict[int, str] = {}
+    for batch in make_batches(rows, run.batch_size):
+        with device_slot():
+            outputs = list(generate_batch(components, run.scheduler, batch, failed, stages))
+        for done, images in outputs:
+            while len(encoding) >= run.batches_in_flight:
+                encoding.popleft().wait()
+            encoding.append(encode_images(done, images))
+            futures.append(encoding[-1])
+        if on_batch:
+            on_batch(batch, failed)
+    return futures, failed

@@ -1,0 +1,69 @@
+"""Running sdflow as a user does (the CLI, in process or as a subprocess), and checking what it left."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+RESUME_ROWS = [{"id": f"r{i}", "prompt": f"a {['red', 'blue', 'green'][i % 3]} square number {i}", "n": i} for i in range(9)]
+RESUME_RUN = {"batch_size": 2, "shard_size": 3, "steps": 2, "scheduler": "euler_a"}
+
+
+def images_by_id(out: Path) -> dict[str, np.ndarray]:
+    table = pq.read_table(out / "data")
+    return {
+        row_id: np.asarray(Image.open(io.BytesIO(image["bytes"])))
+        for row_id, image in zip(table.column("id").to_pylist(), table.column("image").to_pylist())
+    }
+
+
+def assert_consistent(out: Path) -> dict:
+    """The dataset folder holds exactly the committed shards: no stray, temporary or unlisted files."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    listed = sorted(
+        ["manifest.json"]
+        + ([manifest["contact_sheet"]] if manifest["shards"] else [])
+        + [s["file"] for s in manifest["shards"]]
+        + [f"_shards/{s['shard']:05d}.json" for s in manifest["shards"]]
+    )
+    assert files == listed
+    return manifest
+
+
+def run_killable(prefect_api: str, tiny_model: str, prompts: str, out: Path, crash: str | None = None):
+    """`sdflow generate` of the resume table as a subprocess, killed with SIGKILL at `crash` (nodes.faults) if given."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    env.pop("SDFLOW_CRASH_AT", None)
+    if crash:
+        env["SDFLOW_CRASH_AT"] = crash
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in RESUME_RUN.items() if k != "steps"] + [f"--steps={RESUME_RUN['steps']}"]
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "generate", prompts, str(out), "--model", tiny_model, *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    """`sdflow generate ARGS` in this process; returns its exit code and what it wrote to stderr."""
+    from flows.cli import main
+
+    code = main(["generate", *map(str, args)])
+    return code, capsys.readouterr().err
+
+
+def assert_clean_failure(code: int, err: str, out: Path, *phrases: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert err.startswith("sdflow: error: ")
+    for phrase in phrases:
+        assert phrase in " ".join(err.split()), err
+    assert not out.exists(), "a failed run must leave no dataset behind"
