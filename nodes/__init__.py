@@ -1,1 +1,1 @@
-"""sdflow's stages: pure functions on tables and tensors, each with a thin Prefect task beside it."""
+"""sdflow: the pure parts (no Prefect beyond thin task wrappers): run parameters, the Stable Diffusion pipeline, the dataset format, the shapes domain."""

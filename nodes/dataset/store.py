@@ -1,4 +1,4 @@
-"""Storage: PNG encoding with AUTOMATIC1111 infotext, Parquet shards that `datasets` decodes, and the manifest.
+"""Storage: PNG encoding with AUTOMATIC1111 infotext, Parquet shards that `datasets` decodes, whole-file writes, the output location.
 
 Layout of an output dataset (local folder or any fsspec URL):
     OUT/data/part-NNNNN.parquet   one shard per chunk of prompt-table rows; a plain glob of data/ is the dataset

@@ -1,8 +1,11 @@
 """Small Stable Diffusion models built from configs, saved in diffusers format: nothing is downloaded.
 
+The one builder of tiny models: the tests' models, the bundled `sdflow:tiny-random` and the shapes model that
+`flows.train` trains all come from the component builders here.
+
 The same classes and on-disk layout as a real checkpoint (CLIP tokenizer and text encoder, U-Net, VAE,
 scheduler, `model_index.json`, safetensors), so loading them exercises exactly the code that loads
-`stable-diffusion-v1-5`. Used by the tests, the benchmark and the bundled default model.
+`stable-diffusion-v1-5`. Used by the tests, the benchmarks, the bundled models and their training.
 """
 
 from __future__ import annotations
@@ -74,54 +77,77 @@ def toy_tokenizer_files(words: tuple[str, ...] | list[str] = TOY_WORDS) -> tuple
     return vocab, merges
 
 
-def build_toy_pipeline(config: ToyModelConfig = ToyModelConfig(), words=TOY_WORDS):
-    """A `StableDiffusionPipeline` with random weights seeded by `config.seed`, on CPU in float32."""
-    import diffusers
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def norm_groups(channels: tuple[int, ...]) -> int:
+    """GroupNorm groups for these block widths: the most, up to SD's 32, that divide every width."""
+    return max(g for g in range(1, 33) if all(c % g == 0 for c in channels))
 
-    vocab, merges = toy_tokenizer_files(words)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    torch.manual_seed(config.seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=config.text_width,
-            intermediate_size=config.text_width * 4,
-            num_hidden_layers=config.text_layers,
-            num_attention_heads=max(1, config.text_width // 16),
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+
+def clip_text_config(vocab_size: int, tokenizer, width: int, layers: int, heads: int):
+    """A CLIP text tower's config over `tokenizer`'s special tokens, with CLIP's 77-token context."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=width * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
-    n = len(config.unet_channels)
-    unet = UNet2DConditionModel(
-        sample_size=config.sample_size,
+
+
+def build_unet(
+    channels: tuple[int, ...],
+    layers_per_block: int,
+    cross_attention: tuple[bool, ...],
+    attention_head_dim: int,
+    sample_size: int,
+    cross_attention_dim: int,
+):
+    """A `UNet2DConditionModel` with random weights (seed them first): `cross_attention[i]` puts text attention in
+    down block i (highest resolution first) and its mirror up block; the mid block always has it."""
+    from diffusers import UNet2DConditionModel
+
+    down = tuple("CrossAttnDownBlock2D" if attend else "DownBlock2D" for attend in cross_attention)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
         in_channels=4,
         out_channels=4,
-        block_out_channels=config.unet_channels,
-        layers_per_block=config.layers_per_block,
-        # Attention only below full resolution (unlike SD): 4x fewer tokens keeps CPU runs quick.
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-        cross_attention_dim=config.text_width,
-        attention_head_dim=config.attention_head_dim,
-        norm_num_groups=min(32, config.unet_channels[0]),
+        block_out_channels=channels,
+        layers_per_block=layers_per_block,
+        down_block_types=down,
+        up_block_types=tuple(block.replace("Down", "Up") for block in reversed(down)),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=norm_groups(channels),
     )
-    m = len(config.vae_channels)
-    vae = AutoencoderKL(
+
+
+def build_vae(channels: tuple[int, ...], layers_per_block: int, latent_channels: int, sample_size: int):
+    """An `AutoencoderKL` with random weights (seed them first) for RGB images of `sample_size` pixels."""
+    from diffusers import AutoencoderKL
+
+    n = len(channels)
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
-        block_out_channels=config.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * m,
-        up_block_types=("UpDecoderBlock2D",) * m,
-        norm_num_groups=min(32, config.vae_channels[0]),
-        sample_size=config.sample_size * 2 ** (m - 1),
+        latent_channels=latent_channels,
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_groups(channels),
+        sample_size=sample_size,
     )
-    scheduler = getattr(diffusers, config.scheduler).from_config(SD_SCHEDULER_CONFIG)
+
+
+def assemble_pipeline(tokenizer, text_encoder, unet, vae, scheduler):
+    """The components as a `StableDiffusionPipeline` without safety checker, ready for `save_pretrained`."""
+    from diffusers import StableDiffusionPipeline
+
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -132,6 +158,27 @@ def build_toy_pipeline(config: ToyModelConfig = ToyModelConfig(), words=TOY_WORD
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def build_toy_pipeline(config: ToyModelConfig = ToyModelConfig(), words=TOY_WORDS):
+    """A `StableDiffusionPipeline` with random weights seeded by `config.seed`, on CPU in float32."""
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    vocab, merges = toy_tokenizer_files(words)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    torch.manual_seed(config.seed)
+    heads = max(1, config.text_width // 16)
+    text_encoder = CLIPTextModel(clip_text_config(len(vocab), tokenizer, config.text_width, config.text_layers, heads))
+    n = len(config.unet_channels)
+    # Attention only below full resolution (unlike SD): 4x fewer tokens keeps CPU runs quick.
+    unet = build_unet(
+        config.unet_channels, config.layers_per_block, (False,) + (True,) * (n - 1), config.attention_head_dim,
+        config.sample_size, config.text_width,
+    )
+    vae = build_vae(config.vae_channels, 1, 4, config.sample_size * 2 ** (len(config.vae_channels) - 1))
+    scheduler = getattr(diffusers, config.scheduler).from_config(SD_SCHEDULER_CONFIG)
+    return assemble_pipeline(tokenizer, text_encoder, unet, vae, scheduler)
 
 
 def save_toy_model(

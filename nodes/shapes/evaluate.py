@@ -1,4 +1,4 @@
-"""Scoring generated images of the shapes domain against their prompts, and contact sheets to look at them.
+"""Scoring generated images of the shapes domain against their prompts: the judge's verdicts and CLIP scores, and their summary.
 
 Two scores per row: the deterministic judge (nodes.shapes.judge: what colour, shape, position and size the image shows,
 compared with what its prompt asks for, read by nodes.shapes.domain.parse_caption), and a CLIP score from the toy CLIP

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nodes.shapes import domain
+from nodes.shapes import builders
 from nodes.shapes.builders import SD_SCHEDULER_CONFIG, TOY_WORDS, toy_tokenizer_files
 
 # The U-Net learns to denoise along SD v1.5's scaled-linear schedule, and the saved sampler walks it.
@@ -225,26 +226,11 @@ def _optimize(
     return losses
 
 
-def norm_groups(channels: tuple[int, ...]) -> int:
-    """GroupNorm groups for these block widths: the most, up to SD's 32, that divide every width."""
-    return max(g for g in range(1, 33) if all(c % g == 0 for c in channels))
-
-
 def build_clip(spec: ClipSpec, tokenizer):
     """A `CLIPModel` with random weights (seed them first): text tower over the tokenizer, vision tower over 64x64."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
 
-    text = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.text_width,
-        intermediate_size=spec.text_width * 4,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.heads,
-        max_position_embeddings=MAX_TOKENS,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text = builders.clip_text_config(len(tokenizer), tokenizer, spec.text_width, spec.text_layers, spec.heads)
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_width,
         intermediate_size=spec.vision_width * 4,
@@ -292,20 +278,7 @@ def clip_text_encoder(clip):
 
 def build_vae(spec: VaeSpec):
     """An `AutoencoderKL` with random weights (seed them first) for 64x64 RGB images."""
-    from diffusers import AutoencoderKL
-
-    n = len(spec.channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=spec.latent_channels,
-        block_out_channels=spec.channels,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=spec.layers_per_block,
-        norm_num_groups=norm_groups(spec.channels),
-        sample_size=domain.IMAGE_SIZE,
-    )
+    return builders.build_vae(spec.channels, spec.layers_per_block, spec.latent_channels, domain.IMAGE_SIZE)
 
 
 def train_vae(spec: VaeSpec, seed: int, distinct_batches: int = 0, on_step: StepCallback | None = None):
@@ -353,22 +326,9 @@ def build_unet(spec: UnetSpec, sample_size: int, cross_attention_dim: int):
     Cross-attention in the first `attention_levels` down blocks (highest resolutions first), their mirror up blocks
     and the mid block; the lowest-resolution block has none, as in SD.
     """
-    from diffusers import UNet2DConditionModel
-
-    n = len(spec.channels)
-    down = tuple("CrossAttnDownBlock2D" if i < spec.attention_levels else "DownBlock2D" for i in range(n))
-    up = tuple(block.replace("Down", "Up") for block in reversed(down))
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=spec.channels,
-        layers_per_block=spec.layers_per_block,
-        down_block_types=down,
-        up_block_types=up,
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=spec.attention_heads,
-        norm_num_groups=norm_groups(spec.channels),
+    attention = tuple(i < spec.attention_levels for i in range(len(spec.channels)))
+    return builders.build_unet(
+        spec.channels, spec.layers_per_block, attention, spec.attention_heads, sample_size, cross_attention_dim
     )
 
 
@@ -457,20 +417,11 @@ def save_model(
     `train.json` the training `record` (config, loss curves, timings).
     """
     import diffusers
-    from diffusers import StableDiffusionPipeline
     from transformers import CLIPImageProcessor
 
     path = Path(path)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=getattr(diffusers, scheduler).from_config(SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    sampler = getattr(diffusers, scheduler).from_config(SCHEDULER_CONFIG)
+    pipe = builders.assemble_pipeline(tokenizer, text_encoder, unet, vae, sampler)
     pipe.save_pretrained(path, safe_serialization=True)
     clip.save_pretrained(path / "clip", safe_serialization=True)
     tokenizer.save_pretrained(path / "clip")
