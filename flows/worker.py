@@ -55,7 +55,7 @@ class ShardRequest:
 
     out: str  # the output dataset, as the parent opened it
     model: str | None  # the model reference as given; each worker resolves it
-    fingerprint: str  # the parent's model fingerprint: a worker with a different model refuses the shard
+    fingerprint: str  # the parent's model fingerprint (its files' content): a worker with another model refuses the shard
     dtype: str | None  # as asked; None: the worker's device default
     run: RunConfig  # storage options emptied
     shard: Shard
@@ -79,8 +79,8 @@ def run_shard(request: ShardRequest) -> dict:
     info = inspect_model(request.model, storage_options)
     if info.fingerprint != request.fingerprint:
         raise ModelError(
-            f"model {info.ref} on worker {worker} is not the parent's (fingerprint {info.fingerprint} vs "
-            f"{request.fingerprint}): every worker must see the same model files."
+            f"model {info.ref} on worker {worker} is not the parent's (content fingerprint {info.fingerprint} vs "
+            f"{request.fingerprint}): every worker must see the same model files, byte for byte."
         )
     components = load_components(info, device, resolve_dtype(request.dtype, device))
     run = replace(request.run, storage_options=storage_options, progress=False)

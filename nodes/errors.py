@@ -43,3 +43,7 @@ def retry_transient(task, task_run, state) -> bool:
 # Retries for I/O tasks: a bounded number of tries, for transient faults only. The generation stages do not
 # retry on their own: their per-row generators advance as they run, so a batch is retried whole from its seeds.
 TASK_RETRIES = {"retries": 2, "retry_delay_seconds": [1, 10], "retry_condition_fn": retry_transient}
+
+
+class RunError(Exception):
+    """A failure of the run, not of its rows (every row tried fails the same way): stops it with exit code 1."""

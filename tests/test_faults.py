@@ -1,4 +1,5 @@
-"""Faults: out-of-memory halves the batch, a failing row is recorded and the rest goes on, half-precision overflow."""
+"""Faults: out-of-memory halves the batch, a failing row is recorded and the rest goes on, half-precision overflow;
+a failure of the whole run (every row the same way, a model or device sdflow cannot drive) stops it with an exit code."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from nodes.pipeline.components import inspect_model, load_components
 from nodes.params import Row
 from tests.support.tables import write_table
 from tests.support.reference import generate, max_level_difference
-from tests.support.runs import images_by_id
+from tests.support.runs import assert_clean_failure, images_by_id, run_cli
 
 ROWS = [{"id": i, "prompt": f"a blue circle {i}", "seed": 100 + i} for i in range(5)]
 
@@ -116,3 +117,56 @@ def test_latents_that_stay_non_finite_are_reported(tiny_model):
     decoded = decode_latents(components, latents)
     assert decoded.non_finite == [1]
     assert decoded.images.shape == (3, 64, 64, 3)
+
+
+# ------------------------------------------------------------------ failures of the run, not of its rows
+
+
+def test_a_fault_in_every_row_stops_the_run_with_one_paragraph(prefect_api, own_model, tmp_path, monkeypatch, capsys):
+    def broken(rows):
+        raise AttributeError("'NoneType' object has no attribute 'manual_seed'")  # a bug, not a row's fault
+
+    monkeypatch.setattr(nodes.pipeline.batch, "make_generators", broken)
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, write_table(tmp_path / "p.parquet", ROWS), out, "--model", own_model, "--batch-size", 3)
+    assert code == 1, err
+    assert "Traceback" not in err and "WARNING" not in err
+    assert err.startswith("sdflow: error: ") and err.count("sdflow:") == 1
+    text = " ".join(err.split())
+    assert "the first 3 rows tried all failed alone with AttributeError" in text
+    assert "the run's problem, not the rows'" in text
+    assert not (out / "manifest.json").exists()
+
+
+def test_one_row_at_a_time_still_stops_the_run(prefect_api, own_model, tmp_path, monkeypatch, capsys):
+    def broken(rows):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(nodes.pipeline.batch, "make_generators", broken)
+    table = write_table(tmp_path / "p.parquet", ROWS)
+    code, err = run_cli(capsys, table, tmp_path / "out", "--model", own_model, "--batch-size", 1)
+    assert code == 1, err
+    assert "the first 2 rows tried all failed alone with RuntimeError" in " ".join(err.split())
+
+
+@pytest.mark.parametrize("weights", ["intact", "corrupt"])
+def test_an_inpainting_unet_is_refused_before_any_weight_loads(prefect_api, tiny_model, tmp_path, capsys, weights):
+    from diffusers import UNet2DConditionModel
+
+    model = tmp_path / "inpainting"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "unet" / "config.json").read_text())
+    config["in_channels"] = 9  # latents, mask and masked-image latents, as stable-diffusion-inpainting
+    # Weights that fit the config, as a real inpainting checkpoint's do: it loads, and then no row can run.
+    UNet2DConditionModel.from_config(config).save_pretrained(model / "unet", safe_serialization=True)
+    if weights == "corrupt":  # it would fail to load: the refusal must come first
+        (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, write_table(tmp_path / "p.parquet", ROWS), out, "--model", model)
+    assert_clean_failure(code, err, out, str(model), "9 input channels", "an inpainting model", "from text only")
+
+
+def test_a_device_that_cannot_hold_weights_is_refused_up_front(prefect_api, tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, write_table(tmp_path / "p.parquet", ROWS), out, "--model", tiny_model, "--device", "meta")
+    assert_clean_failure(code, err, out, "--device meta", "holds no weights")

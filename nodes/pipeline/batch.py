@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from nodes.errors import SdflowError
+from nodes.errors import RunError, SdflowError, name_ids
 from nodes.params import Row, RunConfig
 from nodes.pipeline.decode import decode_latents
 from nodes.pipeline.denoise import denoise, make_scheduler
@@ -41,7 +41,7 @@ def generate_batch(components, scheduler: str | None, rows: list[Row], failed: d
     Images are (B, H, W, 3) uint8 on the CPU. Out of memory halves the batch and tries again, down to one row.
     Any other error isolates the rows: each is tried again alone, from fresh generators seeded as before (so a
     retry never changes an image), and a row that still fails is recorded in `failed` (position -> error) and
-    left out, so the rest of the run goes on. Input errors stop the run.
+    left out, so the rest of the run goes on (the caller reports it). Input errors stop the run.
     """
     try:
         sched = make_scheduler(scheduler, components.info.scheduler_config, rows[0].steps, components.device)
@@ -55,7 +55,6 @@ def generate_batch(components, scheduler: str | None, rows: list[Row], failed: d
     except Exception as e:
         if len(rows) == 1:
             failed[rows[0].position] = f"{type(e).__name__}: {e}"
-            log.warning("row %r failed: %s", rows[0].id, failed[rows[0].position])
             return
         if isinstance(e, torch.OutOfMemoryError):
             half = len(rows) // 2
@@ -68,10 +67,28 @@ def generate_batch(components, scheduler: str | None, rows: list[Row], failed: d
         return
     for i in decoded.non_finite:
         failed[rows[i].position] = "non-finite values after VAE decode, also in float32"
-        log.warning("row %r failed: %s", rows[i].id, failed[rows[i].position])
     keep = [i for i in range(len(rows)) if i not in decoded.non_finite]
     if keep:
         yield [rows[i] for i in keep], decoded.images[keep]
+
+
+def check_not_the_runs_failure(tried: list[Row], failed: dict[int, str]) -> None:
+    """Raise RunError when the rows tried so far (every one failed, none came out) failed with the same error type.
+
+    Row isolation is for rows that fail among rows that succeed. When the first rows all fail the same way, the
+    cause is the run's (the model, the device, the software): recording every row as failed would end the run
+    with no images and exit code 0, so it stops here instead. Two rows at least, so a first batch of one bad row
+    does not stop it.
+    """
+    errors = [failed[r.position] for r in tried]
+    if len(errors) < 2 or len({error.split(":", 1)[0] for error in errors}) > 1:
+        return
+    raise RunError(
+        f"the first {len(errors)} rows tried all failed alone with {errors[0]} (rows {name_ids(r.id for r in tried)}), "
+        "and none came out: this is the run's problem, not the rows' (the model, the device or the software cannot "
+        "generate), so the run stops. Fix the cause and run again; a row that fails among rows that succeed is "
+        "recorded in the manifest instead"
+    )
 
 
 def make_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:
@@ -97,13 +114,24 @@ def generate_shard_images(
     `encode_images(rows, images)` starts a batch's image encoding and returns a future; that encoding overlaps the
     next batch's denoising, with at most `run.batches_in_flight` batches waiting in `encoding` (shared across
     shards), so memory stays bounded. `device_slot()` is held while a batch runs on the device (a per-device
-    concurrency slot on GPU workers); `on_batch(rows, failed so far)` follows each batch.
+    concurrency slot on GPU workers); `on_batch(rows, failed so far)` follows each batch. Until a row of the
+    shard comes out, rows failing the same way stop the run (check_not_the_runs_failure).
     """
     futures = []
     failed: dict[int, str] = {}
+    tried: list[Row] = []  # the rows tried before any came out
     for batch in make_batches(rows, run.batch_size):
         with device_slot():
             outputs = list(generate_batch(components, run.scheduler, batch, failed, stages))
+        if tried is not None:
+            tried += batch
+            if outputs:
+                tried = None
+            else:
+                check_not_the_runs_failure(tried, failed)
+        for row in batch:
+            if row.position in failed:
+                log.warning("row %r failed: %s", row.id, failed[row.position])
         for done, images in outputs:
             while len(encoding) >= run.batches_in_flight:
                 encoding.popleft().wait()

@@ -1,9 +1,10 @@
 """Model inspection and loading: read a diffusers-format model's configs, then load its family's components once per process.
 
 `inspect_model` reads only small JSON configs, so a run can validate its whole prompt table against the
-model's sizes, and refuse a family it cannot run, before a single weight is loaded. `load_components` loads
-the components the model's family declares (tokenizers, text encoders, U-Net, VAE) from safetensors and
-keeps them for the life of the process, keyed by model, device and dtype.
+model's sizes, and refuse a family it cannot run, before a single weight is loaded; it names the model by
+its content (`fingerprint`, a hash of the files that shape its images, cached by file identity).
+`load_components` loads the components the model's family declares (tokenizers, text encoders, U-Net, VAE)
+from safetensors and keeps them for the life of the process, keyed by model, content, device and dtype.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class ModelInfo:
     ref: str  # the model as the user named it: builtin name, folder, fsspec URL or hub id
     source: str  # what from_pretrained loads: a local folder or a hub id
     family: str  # a key of nodes.pipeline.family.FAMILIES
-    fingerprint: str  # sha256 over the component configs and weight file sizes, short
+    fingerprint: str  # sha256 over the content of every file that shapes the images (see model_fingerprint), short
     vae_scale_factor: int  # image pixels per latent pixel
     size_multiple: int  # width and height must be multiples of this
     native_size: int  # U-Net sample size x VAE scale factor, the default width and height
@@ -93,6 +94,11 @@ class Components:
         return self.modules[self.family.text_encoders[0].text_encoder]
 
 
+# Device types that hold weights and run the stages, and whether this machine has one. Any other torch device
+# type is refused up front: on `meta` the weights load as shapes without values and every row would fail.
+RUNNABLE_DEVICES = {"cpu": lambda: True, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+
+
 def resolve_device(device: str | None) -> torch.device:
     """The requested device, or the best available: CUDA where present, else CPU."""
     if device is None:
@@ -101,8 +107,16 @@ def resolve_device(device: str | None) -> torch.device:
         resolved = torch.device(device)
     except RuntimeError:
         raise ModelError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if resolved.type not in RUNNABLE_DEVICES:
+        what = "holds no weights (only their shapes)" if resolved.type == "meta" else "is not one sdflow runs on"
+        raise ModelError(f"--device {device} {what}, so no image could be made on it; use cpu, cuda or cuda:N.")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"--device {device} was asked for, but this machine has no CUDA device.")
+    if not RUNNABLE_DEVICES[resolved.type]():
+        raise ModelError(f"--device {device} was asked for, but this machine has no {resolved.type} device.")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ModelError(f"--device {device} was asked for, but this machine has {count} CUDA device(s), numbered from 0.")
     return resolved
 
 
@@ -115,6 +129,11 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def cache_root() -> Path:
+    """sdflow's cache: copies of remote models and the hashes of model files."""
+    return Path(os.environ.get("SDFLOW_CACHE") or Path.home() / ".cache" / "sdflow")
+
+
 def builtin_model_path(name: str) -> Path:
     return Path(str(files("nodes.shapes") / "data" / BUILTIN_MODELS[name]))
 
@@ -125,23 +144,44 @@ def _local_model_dir(ref: str, storage_options: dict | None) -> Path | None:
         return builtin_model_path(ref)
     if "://" in ref and not ref.startswith("file://"):
         fs, root = fsspec.core.url_to_fs(ref, **(storage_options or {}))
-        cache = Path(os.environ.get("SDFLOW_CACHE", Path.home() / ".cache" / "sdflow")) / "models"
-        local = cache / hashlib.sha256(ref.encode()).hexdigest()[:16]
+        objects = _remote_objects(fs, root, ref)
+        if "model_index.json" not in objects:
+            raise ModelError(f"model {ref} has no model_index.json; it is not a diffusers-format folder.")
+        # Keyed by the objects' versions, not the URL alone: a model replaced at the same URL is copied again.
+        key = hashlib.sha256(json.dumps([ref, objects], sort_keys=True).encode()).hexdigest()[:16]
+        local = cache_root() / "models" / key
         if not (local / ".complete").exists():
             try:
-                if not fs.exists(f"{root}/model_index.json"):
-                    raise ModelError(f"model {ref} has no model_index.json; it is not a diffusers-format folder.")
                 fs.get(f"{root}/", str(local), recursive=True)
-            except ModelError:
-                raise
             except Exception as e:  # any store error: permissions, missing bucket, network
                 raise ModelError(f"model {ref} cannot be copied from its store ({type(e).__name__}: {e}).") from None
+            if _remote_objects(fs, root, ref) != objects:
+                raise ModelError(f"model {ref} changed while it was being copied; run again once its upload is complete.")
             (local / ".complete").touch()
         return local
     path = Path(ref.removeprefix("file://")).expanduser()
     if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         return path
     return None
+
+
+# What fsspec stores report that changes with an object's content, most precise first (S3, then GCS, then any).
+OBJECT_VERSION_KEYS = ("VersionId", "ETag", "etag", "generation", "md5Hash", "mtime", "LastModified")
+
+
+def _remote_objects(fs, root: str, ref: str) -> dict[str, list]:
+    """{path under the model's folder: [size, version]} of a remote model, from one listing (nothing downloaded)."""
+    prefix = f"{root.rstrip('/')}/"  # a prefix, not a folder: s3://b/model must not match s3://b/model-2/
+    try:
+        listing = fs.find(prefix, detail=True)
+    except Exception as e:  # any store error: permissions, missing bucket, network
+        raise ModelError(f"model {ref} cannot be listed in its store ({type(e).__name__}: {e}).") from None
+    objects = {}
+    for path, meta in listing.items():
+        if path.startswith(prefix):
+            version = next((meta[k] for k in OBJECT_VERSION_KEYS if meta.get(k)), None)
+            objects[path[len(prefix) :]] = [meta.get("size"), str(version)]
+    return objects
 
 
 def _read_json(source: str, local: Path | None, name: str) -> dict:
@@ -162,6 +202,96 @@ def _read_json(source: str, local: Path | None, name: str) -> dict:
         raise ModelError(f"model {source} cannot be read: {type(e).__name__}: {e}") from None
 
 
+def check_text_to_image(unet: dict, vae: dict, ref: str) -> None:
+    """Refuse a U-Net that takes or makes more than the VAE's latents: it needs an image besides the prompt."""
+    latent = vae.get("latent_channels", 4)
+    channels_in, channels_out = unet.get("in_channels", 4), unet.get("out_channels", 4)
+    if channels_in == channels_out == latent:
+        return
+    if channels_in == 2 * latent + 1:
+        kind = "an inpainting model (it also takes a mask and a masked image)"
+    elif channels_in != latent:
+        kind = "a model conditioned on an image (depth-to-image, image editing or upscaling)"
+    else:
+        kind = f"a model whose U-Net predicts {channels_out} channels, not the latents"
+    raise ModelError(
+        f"model {ref} has a U-Net with {channels_in} input channels for its VAE's {latent}-channel latents: {kind}. "
+        "sdflow generates from text only; use a text-to-image model of the same family."
+    )
+
+
+# The model files that shape its images, besides the family's component folders: which pipeline and scheduler.
+# Not sdflow.json (its defaults resolve into each row's own values, which are keyed already) nor other folders.
+FINGERPRINT_EXTRA = ("model_index.json", "scheduler")
+HASH_CACHE = "file-hashes.json"
+_hash_lock = threading.Lock()
+
+
+def model_fingerprint(local: Path | None, family: ModelFamily, source: str, configs: dict) -> str:
+    """The model's identity from its content, 16 hex digits: sha256 over the sha256 of every file in its family's
+    component folders (tokenizers, text encoders, U-Net, VAE), its scheduler folder and model_index.json.
+
+    File hashes are cached by file identity (path, size, mtime_ns, inode) in SDFLOW_CACHE, so a multi-GB
+    checkpoint is read once, not every run. A hub id is named by its configs and the commit they came from.
+    """
+    digest = hashlib.sha256()
+    if local is None:
+        from huggingface_hub import hf_hub_download
+
+        commit = Path(hf_hub_download(source, "model_index.json")).parent.name  # .../snapshots/<commit>/
+        digest.update(json.dumps([configs, commit], sort_keys=True).encode())
+        return digest.hexdigest()[:16]
+    tops = [name for name, _, _ in family.components] + list(FINGERPRINT_EXTRA)
+    paths = sorted(
+        (p.relative_to(local).as_posix(), p)
+        for top in dict.fromkeys(tops)
+        for p in ([local / top] if (local / top).is_file() else sorted((local / top).rglob("*")))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(local).parts)
+    )
+    with _hash_lock:
+        cache, changed = _read_hash_cache(), False
+        for name, path in paths:
+            path = path.resolve()  # a hub snapshot's files are links to its blobs
+            stat = path.stat()
+            identity = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+            entry = cache.get(str(path))
+            if not entry or entry[:3] != identity:
+                entry = identity + [_sha256_file(path)]
+                stat = path.stat()
+                if [stat.st_size, stat.st_mtime_ns, stat.st_ino] == identity:  # not written to while read
+                    cache[str(path)], changed = entry, True
+            digest.update(f"{name}\0{entry[3]}\n".encode())
+        if changed:
+            _write_hash_cache(cache)
+    return digest.hexdigest()[:16]
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _read_hash_cache() -> dict[str, list]:
+    try:
+        cache = json.loads((cache_root() / HASH_CACHE).read_text())
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):  # none yet, unreadable or damaged: hash again
+        return {}
+
+
+def _write_hash_cache(cache: dict[str, list]) -> None:
+    """Replace the cache file whole (other processes may read it meanwhile), without entries of deleted files."""
+    path = cache_root() / HASH_CACHE
+    kept = {name: entry for name, entry in cache.items() if os.path.exists(name)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{HASH_CACHE}.{os.getpid()}.{threading.get_ident()}")
+        temporary.write_text(json.dumps(kept))
+        os.replace(temporary, path)
+    except OSError as e:  # a read-only home: the fingerprint is right, only slower next time
+        log.warning("cannot write the model hash cache %s (%s); model files are hashed again next run", path, e)
+
+
 def inspect_model(ref: str | None = None, storage_options: dict | None = None) -> ModelInfo:
     """Read a model's configs (no weights) and its generation defaults from its optional `sdflow.json`."""
     ref = ref or DEFAULT_MODEL
@@ -172,21 +302,18 @@ def inspect_model(ref: str | None = None, storage_options: dict | None = None) -
     configs = {name: _read_json(source, local, name) for name in COMPONENT_FILES}
     family = family_of(configs["model_index.json"], ref)
     unet, vae = configs["unet/config.json"], configs["vae/config.json"]
+    check_text_to_image(unet, vae, ref)
     vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
     defaults = {}
     if local is not None and (local / "sdflow.json").exists():
         defaults = _read_json(source, local, "sdflow.json")
-    digest = hashlib.sha256(json.dumps(configs, sort_keys=True).encode())
-    if local is not None:
-        for weights in sorted(local.glob("*/*.safetensors")):
-            digest.update(f"{weights.relative_to(local)}:{weights.stat().st_size}".encode())
     sample = unet["sample_size"]
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
     return ModelInfo(
         ref=ref,
         source=source,
         family=family.name,
-        fingerprint=digest.hexdigest()[:16],
+        fingerprint=model_fingerprint(local, family, source, configs),
         vae_scale_factor=vae_scale,
         # diffusers' pipelines require multiples of 8; the VAE needs its own factor too.
         size_multiple=max(8, vae_scale),
@@ -199,7 +326,7 @@ def inspect_model(ref: str | None = None, storage_options: dict | None = None) -
     )
 
 
-_loaded: dict[tuple[str, str, torch.dtype], Components] = {}
+_loaded: dict[tuple[str, str, str, torch.dtype], Components] = {}
 _load_lock = threading.Lock()
 
 
@@ -235,7 +362,7 @@ def load_components(
     Weights load from safetensors only: pickle checkpoints (.bin, .ckpt) can run code when loaded, so they
     are refused unless `allow_pickle`, and then with a warning.
     """
-    key = (info.source, str(device), dtype)
+    key = (info.source, info.fingerprint, str(device), dtype)  # a folder whose files were replaced is another model
     with _load_lock:
         if key in _loaded:
             return _loaded[key]
