@@ -177,8 +177,7 @@ def shard_marker(index: int, table: pa.Table, keys: np.ndarray, failed: list[dic
     images = table.column("image").combine_chunks().field("bytes").to_pylist() if table.num_rows else []
     return {
         "shard": index,
-        # A key of this attempt's own: a losing attempt can never overwrite the rows a winner's marker names.
-        "file": f"data/part-{index:05d}-{uuid.uuid4().hex}.parquet" if table.num_rows else None,
+        "file": None,  # set by commit_shard: a data key of the committing attempt's own
         "rows": table.num_rows,
         "keys": [f"{int(k):016x}" for k in keys],
         "ids": table.column("id").to_pylist() if table.num_rows else [],
@@ -203,42 +202,51 @@ def _discard(fs: fsspec.AbstractFileSystem, root: str, marker: dict) -> None:
 
 
 def commit_shard(fs: fsspec.AbstractFileSystem, root: str, table: pa.Table, marker: dict) -> str:
-    """Write a shard's data under this attempt's key, then create its marker. Returns "committed" or "already committed".
+    """Write a shard's data under a key of this attempt's own, then create its marker.
 
-    On "already committed", `marker["file"]` is set to the committed attempt's file. Raises StorageError if
-    another attempt committed this index with other rows.
+    Returns "committed" or "already committed"; on either, `marker` names the committed file and index. When
+    another run took the index with other rows (two runs with different tables into one output), the shard
+    moves to the next free index. Raises StorageError if some of its rows are committed with other images.
     """
-    index = marker["shard"]
-    path = marker_path(root, index)
-    existing = read_marker(fs, root, index)
-    if existing is not None:
+    while True:
+        index = marker["shard"]
+        existing = read_marker(fs, root, index)
+        if existing is None:
+            # A fresh key per attempt, even for a retried marker: no attempt can overwrite another's file.
+            marker["file"] = f"data/part-{index:05d}-{uuid.uuid4().hex}.parquet" if table.num_rows else None
+            if table.num_rows:
+                write_file(fs, f"{root}/{marker['file']}", parquet_bytes(table))
+            try:
+                crash_point("before-marker")
+                created = create_only(fs, marker_path(root, index), (json.dumps(marker, indent=1, default=str) + "\n").encode())
+            except BaseException:
+                _discard(fs, root, marker)
+                raise
+            if created:
+                return "committed"
+            _discard(fs, root, marker)  # the loser of a race: its data file is named by no marker
+            existing = read_marker(fs, root, index)
         if _same_rows(existing, marker):
             marker["file"] = existing["file"]
             return "already committed"
-        raise StorageError(_taken(root, index))
-    if table.num_rows:
-        write_file(fs, f"{root}/{marker['file']}", parquet_bytes(table))
-    try:
-        crash_point("before-marker")
-        created = create_only(fs, path, (json.dumps(marker, indent=1, default=str) + "\n").encode())
-    except BaseException:
-        _discard(fs, root, marker)
-        raise
-    if created:
-        return "committed"
-    _discard(fs, root, marker)  # the loser of a race: its data file is named by no marker
-    existing = read_marker(fs, root, index)
-    if _same_rows(existing, marker):
-        marker["file"] = existing["file"]
-        return "already committed"
-    raise StorageError(_taken(root, index))
+        if set(existing["keys"]) & set(marker["keys"]):
+            raise StorageError(_taken(root, index))
+        # Another run's rows hold this index: ours may already sit at another (a retry), else take a free one.
+        committed = read_committed(fs, root)
+        for other in committed.markers:
+            if _same_rows(other, marker):
+                marker.update(shard=other["shard"], file=other["file"])
+                return "already committed"
+            if set(other["keys"]) & set(marker["keys"]):
+                raise StorageError(_taken(root, other["shard"]))
+        marker["shard"] = max(committed.next_index, index + 1)
 
 
 def _taken(root: str, index: int) -> str:
     return (
-        f"shard {index} of {root} was committed by another run with other rows; this attempt kept nothing. "
-        "Two runs with different prompt tables are writing to this output at once: wait for the other to "
-        "finish, then run again (committed rows are not generated twice)."
+        f"shard {index} of {root} was committed by another attempt with some of this shard's rows but other "
+        "images; this attempt kept nothing. Another run may be writing the same rows with other settings or on "
+        "other hardware: wait for it to finish, then run again (committed rows are not generated twice)."
     )
 
 
