@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import torch
@@ -35,6 +35,7 @@ class Job:
     fs: object  # fsspec filesystem of the output
     root: str  # the output's root path on it
     committed: Committed  # what the output already holds
+    started: float = field(default_factory=time.time)  # epoch seconds; cleanup leaves newer files to concurrent runs
 
 
 def check_inputs(p: dict) -> Job:
@@ -68,7 +69,7 @@ def run_timings(started: float, generation_started: float, load_seconds: float, 
 def finalize(job: Job, parameters: dict, plan: PromptPlan, written: list[dict], timings: dict) -> dict:
     """Clean what killed attempts left, then write the contact sheet and, last, the manifest."""
     committed = read_committed(job.fs, job.root)
-    clean_uncommitted(job.fs, job.root, committed.files)
+    clean_uncommitted(job.fs, job.root, committed.files, job.started)
     dtype = str(job.dtype).removeprefix("torch.")
     manifest = build_manifest(parameters, job.defaults, job.info, str(job.device), dtype, plan, committed, written, timings)
     if committed.files:

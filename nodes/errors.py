@@ -1,5 +1,7 @@
 """Errors a user can fix: each names the column, row ids, file or model that is wrong."""
 
+import errno
+
 
 class SdflowError(Exception):
     """A problem with the user's input or environment, reported as one paragraph and exit code 2."""
@@ -35,6 +37,8 @@ def retry_transient(task, task_run, state) -> bool:
         return False
     except torch.OutOfMemoryError:
         return False
+    except OSError as e:  # a full disk or quota stays full: stop now, not after retry delays
+        return e.errno not in (errno.ENOSPC, errno.EDQUOT)
     except BaseException:
         return True
     return False

@@ -80,14 +80,19 @@ def test_racing_commits_of_one_shard_commit_once(tmp_path):
     assert sorted(outcomes) == ["already committed", "committed"]
     assert json.loads(Path(marker_path(root, 4)).read_text())["keys"] == ["0000000000000007"]
     # A later attempt finds the marker first and writes nothing at all.
-    data = Path(root, "data", "part-00004.parquet")
+    data = Path(root, json.loads(Path(marker_path(root, 4)).read_text())["file"])
+    assert sorted(p.name for p in data.parent.iterdir()) == [data.name]  # the loser deleted its own data file
     stamp = data.stat().st_mtime_ns
     assert commit_shard(fs, root, table, dict(marker)) == "already committed"
     assert data.stat().st_mtime_ns == stamp
-    # An attempt with other rows at a committed index is refused, not merged.
+    # An attempt with other rows at a committed index (another run's table) moves to a free index, not over it.
     other = shard_marker(4, table, np.array([8], dtype=np.uint64), [], {})
-    with pytest.raises(StorageError, match="already committed with other rows"):
-        commit_shard(fs, root, table, other)
+    assert commit_shard(fs, root, table, other) == "committed" and other["shard"] == 5
+    assert json.loads(Path(marker_path(root, 4)).read_text())["keys"] == ["0000000000000007"]
+    # The same rows with other images are refused, not committed twice.
+    changed = pa.table({"image": pa.array([{"bytes": b"png-1", "path": None}], type=image.type), "id": ["a"], "seed": [1]})
+    with pytest.raises(StorageError, match="other images"):
+        commit_shard(fs, root, changed, shard_marker(4, changed, np.array([7], dtype=np.uint64), [], {}))
 
 
 @pytest.mark.parametrize(
@@ -105,7 +110,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_dataset(prefect_api, tiny_mo
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     committed_rows = sum(json.loads(p.read_text())["rows"] for p in (out / "_shards").glob("*.json"))
     if crash == "before-marker:2":
-        assert (out / "data" / "part-00001.parquet").exists()  # data without its marker: not committed
+        assert list((out / "data").glob("part-00001-*.parquet"))  # data without its marker: not committed
         assert not (out / "_shards" / "00001.json").exists()
 
     resumed = run_cli(prefect_api, tiny_model, prompts, out)
@@ -119,3 +124,82 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_dataset(prefect_api, tiny_mo
     got = images_by_id(out)
     for row_id, pixels in want.items():
         assert np.abs(got[row_id].astype(int) - pixels.astype(int)).max() <= 1, row_id
+
+
+def test_racing_commits_with_different_rows_never_split_marker_and_data(tmp_path):
+    """Two attempts commit other rows under one index: each marker names a file holding exactly its rows."""
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+    def attempt_of(who: str, offset: int):
+        image = pa.array([{"bytes": f"png-{who}-{i}".encode(), "path": None} for i in range(3)], type=image_type)
+        table = pa.table({"image": image, "id": [f"{who}{i}" for i in range(3)], "seed": [1, 2, 3]})
+        return table, shard_marker(3, table, np.arange(offset, offset + 3, dtype=np.uint64), [], {})
+
+    for trial in range(40):
+        root = str(tmp_path / f"out{trial}")
+        attempts = [attempt_of("a", 10), attempt_of("b", 20)]
+        barrier = threading.Barrier(2)
+        outcomes = []
+
+        def attempt(table, marker):
+            barrier.wait()
+            try:
+                outcomes.append(commit_shard(fs, root, table, marker))
+            except StorageError as e:
+                outcomes.append(str(e))
+
+        threads = [threading.Thread(target=attempt, args=a) for a in attempts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert outcomes == ["committed", "committed"], outcomes  # the later one moved to a free index
+        markers = [json.loads(p.read_text()) for p in Path(root, "_shards").iterdir()]
+        assert sorted(m["shard"] for m in markers) == [3, 4]
+        for marker in markers:
+            held = pq.read_table(Path(root, marker["file"]))
+            assert held.column("id").to_pylist() == marker["ids"], f"trial {trial}: marker and data disagree"
+        named = {m["file"] for m in markers}
+        assert {f"data/{p.name}" for p in Path(root, "data").iterdir()} == named  # losers left no data file
+
+
+def test_two_runs_with_different_tables_into_one_output_at_once(prefect_api, tiny_model, tmp_path):
+    """Both end well, or one is refused with a clear message; the dataset stays consistent, and a rerun completes it."""
+    import subprocess
+    import sys
+    import os
+
+    tables = [write_table(tmp_path / f"{who}.parquet", [{**r, "id": f"{who}{r['id']}"} for r in ROWS[:4]]) for who in "ab"]
+    out = tmp_path / "out"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    env.pop("SDFLOW_CRASH_AT", None)
+
+    def start(prompts):
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "generate", prompts, str(out), "--model", tiny_model,
+             "--batch-size=1", "--shard-size=1", "--steps=1"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    runs = [start(t) for t in tables]
+    results = [(r.wait(timeout=300), r.stderr.read()) for r in runs]
+    assert any(code == 0 for code, _ in results), results
+    for code, err in results:
+        assert code in (0, 2), err
+        if code == 2:
+            assert "Another run" in " ".join(err.split()) and "Traceback" not in err, err
+    for prompts, (code, _) in zip(tables, results):
+        if code:  # the refused run, again on its own: it adds only its missing rows
+            rerun = start(prompts)
+            assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+            assert_consistent(out)
+    # Every marker names a data file holding exactly its rows, and every row of both tables is there once.
+    ids = []
+    for marker_file in (out / "_shards").iterdir():
+        marker = json.loads(marker_file.read_text())
+        assert pq.read_table(out / marker["file"]).column("id").to_pylist() == marker["ids"], marker_file
+        ids += marker["ids"]
+    assert sorted(ids) == sorted(f"{who}{r['id']}" for who in "ab" for r in ROWS[:4])

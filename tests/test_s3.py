@@ -177,7 +177,7 @@ def test_s3_input_and_output_match_a_local_run(s3, s3_prompts, local_reference, 
 
     manifest, tables = read_s3_dataset(s3, f"{BUCKET}/out")
     assert manifest["shards"] == returned["shards"]
-    assert [s["file"] for s in manifest["shards"]] == ["data/part-00000.parquet", "data/part-00001.parquet"]
+    assert [re.sub("-[0-9a-f]{32}", "", s["file"]) for s in manifest["shards"]] == ["data/part-00000.parquet", "data/part-00001.parquet"]
     assert [s["rows"] for s in manifest["shards"]] == [SHARD_SIZE, SHARD_SIZE]
     # Exactly the shards, their markers and the manifest: no temporary or stray objects beside them.
     assert sorted(s3.find(f"{BUCKET}/out")) == sorted(
@@ -344,7 +344,7 @@ def test_sigkill_then_rerun_on_s3(s3, s3_env, prefect_api, tiny_model, resume_re
     killed = run_cli(prefect_api, tiny_model, prompts, out, crash)
     assert killed.returncode == -9, killed.stderr
     s3.invalidate_cache()
-    markers = s3.glob(f"{BUCKET}/resume/_shards/*.json")
+    markers = s3.find(f"{BUCKET}/resume/_shards")
     committed_rows = sum(json.loads(s3.cat_file(p))["rows"] for p in markers)
 
     resumed = run_cli(prefect_api, tiny_model, prompts, out)
@@ -365,18 +365,84 @@ def test_sigkill_then_rerun_on_s3(s3, s3_env, prefect_api, tiny_model, resume_re
         assert np.abs(got[row_id].astype(int) - pixels.astype(int)).max() <= 1, row_id
 
 
+def start_upload(s3, key: str, bucket: str = BUCKET) -> None:
+    """Begin a multipart upload and send one part, then stop: what a process killed mid-upload leaves."""
+    upload = s3.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+    s3.call_s3("upload_part", Bucket=bucket, Key=key, PartNumber=1, UploadId=upload["UploadId"], Body=b"x" * 1024)
+
+
 def test_unfinished_uploads_under_the_output_are_aborted(s3):
     from nodes.dataset.commit import clean_uncommitted
 
-    def start_upload(key: str) -> None:
-        upload = s3.call_s3("create_multipart_upload", Bucket=BUCKET, Key=key)
-        s3.call_s3("upload_part", Bucket=BUCKET, Key=key, PartNumber=1, UploadId=upload["UploadId"], Body=b"x" * 1024)
+    ours = f"out/data/part-00003-{'0' * 32}.parquet"
+    start_upload(s3, ours)
+    start_upload(s3, "elsewhere/big.bin")  # not ours: left alone
+    start_upload(s3, "outbox/data/part-00003.parquet")  # beside OUT, not under it: left alone
+    start_upload(s3, "out/backup.tar")  # under OUT but not an sdflow name: left alone
+    removed = clean_uncommitted(s3, f"{BUCKET}/out", set(), time.time() + 5)
+    assert removed == [f"{BUCKET}/{ours} (unfinished upload)"]
+    assert sorted(u["Key"] for u in s3.list_multipart_uploads(BUCKET)) == ["elsewhere/big.bin", "out/backup.tar", "outbox/data/part-00003.parquet"]
 
-    start_upload("out/data/part-00003.parquet")  # what a process killed mid-upload leaves
-    start_upload("elsewhere/big.bin")  # not ours: left alone
-    removed = clean_uncommitted(s3, f"{BUCKET}/out", set())
-    assert removed == [f"{BUCKET}/out/data/part-00003.parquet (unfinished upload)"]
-    assert [u["Key"] for u in s3.list_multipart_uploads(BUCKET)] == ["elsewhere/big.bin"]
+
+def test_run_and_cleanup_leave_other_applications_beside_the_output(s3, s3_small_prompts, prefect_api, tiny_model):
+    """Objects and unfinished uploads of OUT+suffix, and every other upload in a bucket-root OUT's bucket, survive."""
+    from flows.generate import generate_dataset
+
+    s3.pipe_file(f"{BUCKET}/outbox/data/part-00000.parquet", b"theirs")
+    start_upload(s3, "outbox/data/part-00001.parquet")
+    start_upload(s3, f"out/data/part-00007-{'0' * 32}.parquet")  # ours, from a killed run: aborted
+    generate_dataset(prompts=s3_small_prompts, out=f"s3://{BUCKET}/out", model=tiny_model, steps=1)
+    assert s3.cat_file(f"{BUCKET}/outbox/data/part-00000.parquet") == b"theirs"
+    assert [u["Key"] for u in s3.list_multipart_uploads(BUCKET)] == ["outbox/data/part-00001.parquet"]
+
+    root = "sdflow-root-out"
+    s3.mkdir(root)
+    start_upload(s3, "backups/nightly.tar", bucket=root)  # another application's upload in the bucket
+    manifest = generate_dataset(prompts=s3_small_prompts, out=f"s3://{root}", model=tiny_model, steps=1)
+    assert manifest["rows"]["generated"] == 2
+    assert [u["Key"] for u in s3.list_multipart_uploads(root)] == ["backups/nightly.tar"]
+
+
+def test_bucket_root_with_other_objects_is_refused_and_untouched(s3, s3_small_prompts, prefect_api, tiny_model):
+    from flows.generate import generate_dataset
+
+    root = "sdflow-root-taken"
+    s3.mkdir(root)
+    s3.pipe_file(f"{root}/photos/cat.png", b"theirs")
+    s3.pipe_file(f"{root}/manifest.json", b'{"app": "theirs"}')
+    with pytest.raises(StorageError, match="photos/cat.png.*manifest.json"):
+        generate_dataset(prompts=s3_small_prompts, out=f"s3://{root}", model=tiny_model, steps=1)
+    assert sorted(s3.find(root)) == [f"{root}/manifest.json", f"{root}/photos/cat.png"]
+
+
+def test_s3_out_with_pattern_characters_beside_a_sibling(s3, s3_small_prompts, prefect_api, tiny_model):
+    from flows.generate import generate_dataset
+
+    generate_dataset(prompts=s3_small_prompts, out=f"s3://{BUCKET}/runs/set1-a", model=tiny_model, steps=1, shard_size=1)
+    sibling = {k: s3.cat_file(k) for k in s3.find(f"{BUCKET}/runs/set1-a")}
+    out = f"s3://{BUCKET}/runs/set[1]*?"  # as a glob it matches runs/set1-a
+    first = generate_dataset(prompts=s3_small_prompts, out=out, model=tiny_model, steps=1, shard_size=1)
+    assert first["rows"]["generated"] == 2
+    data = sorted(s3.find(f"{BUCKET}/runs/set[1]*?/data"))
+    assert len(data) == 2
+    again = generate_dataset(prompts=s3_small_prompts, out=out, model=tiny_model, steps=1, shard_size=1)
+    assert (again["rows"]["generated"], again["rows"]["already_done"]) == (0, 2)
+    s3.invalidate_cache()
+    assert sorted(s3.find(f"{BUCKET}/runs/set[1]*?/data")) == data
+    assert {k: s3.cat_file(k) for k in s3.find(f"{BUCKET}/runs/set1-a")} == sibling
+
+
+def test_write_denied_output_is_refused_before_the_model_loads(s3, s3_small_prompts, prefect_api, tiny_model, monkeypatch):
+    import flows.generate
+    from flows.generate import generate_dataset
+
+    monkeypatch.setattr(flows.generate, "load_components_task", lambda *a, **k: pytest.fail("model loaded"))
+    bucket = "sdflow-read-only"
+    s3.mkdir(bucket)
+    deny = {"Effect": "Deny", "Principal": "*", "Action": ["s3:PutObject"], "Resource": f"arn:aws:s3:::{bucket}/*"}
+    s3.call_s3("put_bucket_policy", Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [deny]}))
+    with pytest.raises(StorageError, match=re.escape(f"s3://{bucket}/out") + ".*cannot be written"):
+        generate_dataset(prompts=s3_small_prompts, out=f"s3://{bucket}/out", model=tiny_model, steps=1)
 
 
 def test_credentials_appear_in_no_output_log_or_parameter(s3, s3_env, prefect_api, tiny_model, tmp_path, monkeypatch):

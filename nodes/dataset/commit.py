@@ -1,14 +1,14 @@
 """The commit protocol: a shard counts as done only when its marker exists, and the marker is written last.
 
-    OUT/data/part-NNNNN.parquet   the shard's rows, written whole to its final key first
-    OUT/_shards/NNNNN.json        its marker, created only if absent: row keys, ids, seeds, PNG hashes
+    OUT/data/part-NNNNN-ATTEMPT.parquet   the shard's rows, written whole to a key of this attempt's own first
+    OUT/_shards/NNNNN.json                its marker, created only if absent: the data file, row keys, ids, seeds, PNG hashes
 
-Control files start with `_` (and temporary files with `.`), so Parquet readers skip them. A data file
-without a marker belongs to an attempt that died before committing: it is never listed in the manifest, is
-overwritten when its index is planned again, and is deleted when a run finishes. A committed shard is never
-rewritten: an attempt checks for the marker before writing, and the marker itself is create-only, so two
-attempts racing on one shard make exactly one commit; the other finds the marker and, when its row keys and
-hashes agree, reports success.
+Control files start with `_` (and temporary files with `.`), so Parquet readers skip them. Each attempt
+writes its data under its own key, so no attempt can overwrite the rows another attempt's marker names:
+two attempts racing on one shard make exactly one commit, and the loser deletes its data file and, when its
+row keys and hashes agree, reports success. A data file that no marker names belongs to an attempt that died
+before committing: it is never listed in the manifest and is deleted by the next run to finish. Markers of
+datasets written before per-attempt keys name `data/part-NNNNN.parquet`, and are read as they are.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import uuid
 from dataclasses import dataclass, field
 
 import fsspec
@@ -30,10 +32,11 @@ from nodes.errors import TASK_RETRIES, StorageError
 from nodes.faults import crash_point
 from nodes.params import Row
 from nodes.dataset.store import (
-    SHARD_FILE,
+    DATA_FILE,
+    is_own,
     is_temporary,
+    list_output,
     parquet_bytes,
-    shard_path,
     shard_table,
     write_file,
     write_temporary,
@@ -84,23 +87,89 @@ class Committed:
         return {m["file"] for m in self.markers if m["file"]}
 
 
+MARKER_FILE = re.compile(r"(\d{5,})\.json")
+# A marker's required fields and their types: what resume, the manifest and the contact sheet read.
+MARKER_FIELDS = {"shard": int, "file": (str, type(None)), "rows": int, "keys": list, "ids": list, "seeds": list,
+                 "sha256": list, "failed": list}
+ROW_KEY = re.compile(r"[0-9a-f]{16}")
+
+
+def marker_problem(marker, index: int) -> str | None:
+    """What makes a parsed marker of shard `index` unusable, or None if it is sound."""
+    if not isinstance(marker, dict):
+        return "it is not a JSON object"
+    for name, kind in MARKER_FIELDS.items():
+        if name not in marker:
+            return f"it has no {name!r}"
+        if not isinstance(marker[name], kind) or isinstance(marker[name], bool):
+            return f"its {name!r} is {type(marker[name]).__name__}, not {getattr(kind, '__name__', 'str or null')}"
+    if marker["shard"] != index:
+        return f"it names shard {marker['shard']}, not {index}"
+    if marker["file"] is not None and not re.fullmatch(DATA_FILE, marker["file"]):  # a path joined to OUT: ours only
+        return f"its file {marker['file']!r} is not a data file of this dataset"
+    if not all(isinstance(k, str) and ROW_KEY.fullmatch(k) for k in marker["keys"]):
+        return "its 'keys' are not 16-digit hex row keys"
+    if not (marker["rows"] == len(marker["keys"]) == len(marker["sha256"])) or (marker["file"] is None) != (marker["rows"] == 0):
+        return "its row count, keys, hashes and file disagree"
+    return None
+
+
+def parse_marker(fs: fsspec.AbstractFileSystem, path: str, data: bytes, index: int) -> dict:
+    """A marker from its bytes, validated; raises StorageError naming the file and what to do."""
+    try:
+        marker = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        problem = f"it is not valid JSON ({e})"
+    else:
+        problem = marker_problem(marker, index)
+    if problem is None:
+        return marker
+    raise StorageError(
+        f"{fs.unstrip_protocol(path)} is not a valid sdflow shard marker: {problem}. sdflow writes markers whole, "
+        f"so it was damaged or edited by hand: restore it from a copy of the dataset, or move it out of {MARKERS}/ "
+        "(its shard then counts as not written and its rows are generated again)."
+    )
+
+
 def read_committed(fs: fsspec.AbstractFileSystem, root: str) -> Committed:
-    """Read every marker under OUT/_shards (concurrently on object stores)."""
-    paths = sorted(fs.glob(f"{root}/{MARKERS}/*.json"))
+    """Read and validate every marker under OUT/_shards (concurrently on object stores).
+
+    Lists the literal folder and matches names here: OUT is the user's text, never a glob pattern.
+    """
+    folder = f"{root}/{MARKERS}"
+    fs.invalidate_cache(folder)  # workers and concurrent runs commit from other processes
+    try:
+        names = sorted(fs.ls(folder, detail=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return Committed()
+    paths, indices = [], []
+    for path in names:
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        found = MARKER_FILE.fullmatch(name)
+        if found:
+            paths.append(path)
+            indices.append(int(found.group(1)))
+        elif not is_temporary(name):
+            raise StorageError(
+                f"{fs.unstrip_protocol(path)} is not a shard marker: {MARKERS}/ holds only sdflow's markers, named "
+                f"NNNNN.json. Move it out of {MARKERS}/ and run again."
+            )
     if not paths:
         return Committed()
-    contents = fs.cat(paths)
-    markers = sorted((json.loads(contents[p]) for p in paths), key=lambda m: m["shard"])
+    contents = fs.cat_ranges(paths, None, None, on_error="raise")  # not fs.cat: it globs names with [ * ?
+    markers = sorted((parse_marker(fs, p, c, i) for p, c, i in zip(paths, contents, indices)), key=lambda m: m["shard"])
     keys = [int(k, 16) for m in markers for k in m["keys"]]
     return Committed(tuple(markers), np.array(keys, dtype=np.uint64))
 
 
 def read_marker(fs: fsspec.AbstractFileSystem, root: str, index: int) -> dict | None:
-    """Shard `index`'s marker, or None while the shard is not committed."""
+    """Shard `index`'s marker, validated, or None while the shard is not committed."""
+    path = marker_path(root, index)
     try:
-        return json.loads(fs.cat_file(marker_path(root, index)))
+        data = fs.cat_file(path)
     except FileNotFoundError:
         return None
+    return parse_marker(fs, path, data, index)
 
 
 def shard_marker(index: int, table: pa.Table, keys: np.ndarray, failed: list[dict], extra: dict) -> dict:
@@ -108,7 +177,7 @@ def shard_marker(index: int, table: pa.Table, keys: np.ndarray, failed: list[dic
     images = table.column("image").combine_chunks().field("bytes").to_pylist() if table.num_rows else []
     return {
         "shard": index,
-        "file": f"data/part-{index:05d}.parquet" if table.num_rows else None,
+        "file": None,  # set by commit_shard: a data key of the committing attempt's own
         "rows": table.num_rows,
         "keys": [f"{int(k):016x}" for k in keys],
         "ids": table.column("id").to_pylist() if table.num_rows else [],
@@ -123,52 +192,95 @@ def _same_rows(a: dict, b: dict) -> bool:
     return a["keys"] == b["keys"] and a["sha256"] == b["sha256"]
 
 
+def _discard(fs: fsspec.AbstractFileSystem, root: str, marker: dict) -> None:
+    """Delete the data file an attempt wrote but did not commit (best effort: a later run's cleanup retries)."""
+    if marker["file"]:
+        try:
+            fs.rm_file(f"{root}/{marker['file']}")
+        except Exception:
+            pass
+
+
 def commit_shard(fs: fsspec.AbstractFileSystem, root: str, table: pa.Table, marker: dict) -> str:
-    """Write a shard's data, then create its marker. Returns "committed" or "already committed".
+    """Write a shard's data under a key of this attempt's own, then create its marker.
 
-    Raises StorageError if another attempt committed this index with other rows.
+    Returns "committed" or "already committed"; on either, `marker` names the committed file and index. When
+    another run took the index with other rows (two runs with different tables into one output), the shard
+    moves to the next free index. Raises StorageError if some of its rows are committed with other images.
     """
-    index = marker["shard"]
-    path = marker_path(root, index)
-    existing = read_marker(fs, root, index)
-    if existing is not None:
+    while True:
+        index = marker["shard"]
+        existing = read_marker(fs, root, index)
+        if existing is None:
+            # A fresh key per attempt, even for a retried marker: no attempt can overwrite another's file.
+            marker["file"] = f"data/part-{index:05d}-{uuid.uuid4().hex}.parquet" if table.num_rows else None
+            if table.num_rows:
+                write_file(fs, f"{root}/{marker['file']}", parquet_bytes(table))
+            try:
+                crash_point("before-marker")
+                created = create_only(fs, marker_path(root, index), (json.dumps(marker, indent=1, default=str) + "\n").encode())
+            except BaseException:
+                _discard(fs, root, marker)
+                raise
+            if created:
+                return "committed"
+            _discard(fs, root, marker)  # the loser of a race: its data file is named by no marker
+            existing = read_marker(fs, root, index)
         if _same_rows(existing, marker):
+            marker["file"] = existing["file"]
             return "already committed"
-        raise StorageError(f"shard {index} of {root} is already committed with other rows; this attempt wrote nothing.")
-    if table.num_rows:
-        write_file(fs, shard_path(root, index), parquet_bytes(table))
-    crash_point("before-marker")
-    if create_only(fs, path, (json.dumps(marker, indent=1, default=str) + "\n").encode()):
-        return "committed"
-    if _same_rows(read_marker(fs, root, index), marker):
-        return "already committed"
-    raise StorageError(f"shard {index} of {root} was committed by another attempt with other rows at the same time.")
+        if set(existing["keys"]) & set(marker["keys"]):
+            raise StorageError(_taken(root, index))
+        # Another run's rows hold this index: ours may already sit at another (a retry), else take a free one.
+        committed = read_committed(fs, root)
+        for other in committed.markers:
+            if _same_rows(other, marker):
+                marker.update(shard=other["shard"], file=other["file"])
+                return "already committed"
+            if set(other["keys"]) & set(marker["keys"]):
+                raise StorageError(_taken(root, other["shard"]))
+        marker["shard"] = max(committed.next_index, index + 1)
 
 
-def clean_uncommitted(fs: fsspec.AbstractFileSystem, root: str, committed_files: set[str]) -> list[str]:
-    """Delete what killed attempts left: shard files without a marker, temporary files, unfinished uploads.
+def _taken(root: str, index: int) -> str:
+    return (
+        f"shard {index} of {root} was committed by another attempt with some of this shard's rows but other "
+        "images; this attempt kept nothing. Another run may be writing the same rows with other settings or on "
+        "other hardware: wait for it to finish, then run again (committed rows are not generated twice)."
+    )
 
-    Touches only names sdflow writes. Returns what it removed.
+
+def clean_uncommitted(fs: fsspec.AbstractFileSystem, root: str, committed_files: set[str], before: float) -> list[str]:
+    """Delete what killed attempts left under OUT/: data files no marker names, temporary files, unfinished uploads.
+
+    Touches only names sdflow writes (store.is_own) under `root/`, and only those last modified before
+    `before` (this run's start, epoch seconds): newer ones may belong to a run writing here at the same time.
+    Returns what it removed.
     """
     removed = []
-    for folder in (f"{root}/data", f"{root}/{MARKERS}", root):
-        try:
-            names = fs.ls(folder, detail=False)
-        except FileNotFoundError:
-            continue
-        for path in names:
-            name = path.rstrip("/").rsplit("/", 1)[-1]
-            orphan = folder.endswith("/data") and SHARD_FILE.fullmatch(name) and f"data/{name}" not in committed_files
-            if orphan or is_temporary(name):
-                fs.rm_file(path)
-                removed.append(path)
+    for name, info in list_output(fs, root).items():
+        folder, _, base = name.rpartition("/")
+        orphan = re.fullmatch(DATA_FILE, name) and name not in committed_files
+        if (orphan or is_temporary(base)) and is_own(name) and _modified(info) < before:
+            fs.rm_file(f"{root}/{name}")
+            removed.append(f"{root}/{name}")
     if hasattr(fs, "list_multipart_uploads"):  # s3fs: parts of uploads that a killed process never completed
-        bucket, prefix, _ = fs.split_path(root)
+        bucket, key, _ = fs.split_path(root)
+        prefix = f"{key}/" if key else ""  # with the slash: s3://b/out must not reach s3://b/outbox/
         for upload in fs.list_multipart_uploads(bucket):
-            if upload["Key"].startswith(prefix):
+            name = upload["Key"][len(prefix):]
+            if upload["Key"].startswith(prefix) and is_own(name) and upload["Initiated"].timestamp() < before:
                 fs.abort_mpu(bucket, upload["Key"], upload["UploadId"])
                 removed.append(f"{bucket}/{upload['Key']} (unfinished upload)")
     return removed
+
+
+def _modified(info: dict) -> float:
+    """A listed file's last modification, epoch seconds (local: mtime; object stores: LastModified)."""
+    if "mtime" in info:
+        return float(info["mtime"])
+    modified = info.get("LastModified") or info.get("last_modified")
+    return modified.timestamp() if modified is not None else float("-inf")
 
 
 def write_shard(

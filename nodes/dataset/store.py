@@ -1,14 +1,16 @@
 """Storage: PNG encoding with AUTOMATIC1111 infotext, Parquet shards that `datasets` decodes, whole-file writes, the output location.
 
 Layout of an output dataset (local folder or any fsspec URL):
-    OUT/data/part-NNNNN.parquet   one shard per chunk of prompt-table rows; a plain glob of data/ is the dataset
-    OUT/_shards/NNNNN.json        each shard's marker, written after its data (nodes.dataset.commit)
-    OUT/manifest.json             run parameters, versions, row counts, shards and timings, written last (nodes.dataset.manifest)
+    OUT/data/part-NNNNN-ATTEMPT.parquet   one shard per chunk of prompt-table rows; a plain glob of data/ is the dataset
+    OUT/_shards/NNNNN.json                each shard's marker, written after its data (nodes.dataset.commit)
+    OUT/manifest.json                     run parameters, versions, row counts, shards and timings, written last (nodes.dataset.manifest)
 Files are written whole: locally to a temporary name, fsynced and renamed; on object stores as one upload.
+sdflow touches only these names (OWN_FILE) under OUT/, and refuses an output that holds anything else.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -128,26 +130,37 @@ def storage_options_from_env() -> dict:
 def open_output(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and root path of an output location: new, or an sdflow dataset to resume or extend.
 
-    Refuses a location whose data/ holds files of other origins. Creates nothing: folders appear with the
-    first shard, so a run that fails early leaves no trace.
+    Refuses a location that holds files sdflow did not write, and one that cannot be written (checked with
+    a probe file, created and deleted, so that a read-only folder, denied credentials or a full disk show
+    before a model loads). Leaves nothing behind: folders appear with the first shard.
     """
+    if "::" in url:  # fsspec reads it as a chain of filesystems and drops the rest: never write elsewhere than asked
+        raise StorageError(
+            f"output {url} contains '::', which fsspec reads as a chain of filesystems (e.g. simplecache::s3://...); "
+            "sdflow writes to one location as given: rename the folder, or give a plain path or URL."
+        )
     try:
         fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         root = root.rstrip("/")
-        foreign = foreign_files(fs, root)
-        if foreign:
-            raise StorageError(
-                f"output {url} has files in data/ that sdflow did not write ({', '.join(foreign[:5])}); "
-                "choose another location: sdflow deletes unlisted shard files in its own outputs."
-            )
         if hasattr(fs, "split_path"):  # bucket stores (s3fs, gcsfs, adlfs): a missing bucket shows only at a write
             bucket = fs.split_path(root)[0]
             if not fs.exists(bucket):
                 raise StorageError(
                     f"output {url} cannot be used: bucket {bucket} does not exist, or these credentials cannot see it."
                 )
+        foreign = foreign_files(fs, root)
+        if foreign:
+            raise StorageError(
+                f"output {url} holds files that sdflow did not write ({', '.join(foreign[:5])}"
+                f"{f' and {len(foreign) - 5} more' if len(foreign) > 5 else ''}); an sdflow dataset holds only its "
+                "manifest, contact sheet, data/, _shards/ and evaluation/, and sdflow replaces and deletes files "
+                "there: choose a new or empty location, or move those files away."
+            )
+        check_writable(fs, root, url)
     except StorageError:
         raise
+    except NotADirectoryError:
+        raise StorageError(f"output {url} is a file, not a folder: choose another location.") from None
     except PermissionError:
         raise StorageError(f"output {url} cannot be written: permission denied.") from None
     except Exception as e:  # store errors: missing bucket, bad credentials, unreachable endpoint
@@ -155,32 +168,142 @@ def open_output(url: str, storage_options: dict | None = None) -> tuple[fsspec.A
     return fs, root
 
 
-SHARD_FILE = re.compile(r"part-(\d{5,})\.parquet")
+# Every file sdflow writes under OUT, by its path relative to OUT (evaluation/ is written by `sdflow evaluate`).
+# Cleanup deletes only names that match, and an output holding anything else is refused.
+DATA_FILE = r"data/part-\d{5,}(?:-[0-9a-f]{32})?\.parquet"  # -ATTEMPT: one key per commit attempt (nodes.dataset.commit)
+OWN_FILE = re.compile(
+    rf"manifest\.json|contact_sheet\.png|_shards/\d{{5,}}\.json|{DATA_FILE}"
+    rf"|evaluation/(?:summary\.json|contact_sheet\.png|{DATA_FILE})"
+)
+TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{32}\.tmp")  # .NAME.UUIDHEX.tmp, beside NAME (write_temporary)
+PROBE = "write-probe"  # OUT/.write-probe.UUIDHEX.tmp: check_writable's probe
 
 
 def is_temporary(name: str) -> bool:
-    return name.startswith(".") and name.endswith(".tmp")
+    """A file name of sdflow's temporary shape, .NAME.UUIDHEX.tmp."""
+    return TEMPORARY.fullmatch(name) is not None
+
+
+def is_own(relative: str) -> bool:
+    """Whether a path relative to OUT is one that sdflow writes: a dataset file, or a temporary of one."""
+    folder, _, name = relative.rpartition("/")
+    temporary = TEMPORARY.fullmatch(name)
+    if temporary:
+        name = temporary.group(1)
+        if not folder and name == PROBE:
+            return True
+    return OWN_FILE.fullmatch(f"{folder}/{name}" if folder else name) is not None
+
+
+def list_output(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict]:
+    """Every file under OUT, by its path relative to OUT, with its details.
+
+    Lists the literal prefix `root/` (fs.find): never a glob, since `[`, `*` and `?` in the user's OUT are
+    plain characters, and never the bare prefix, which on object stores also matches `root-other/...`.
+    """
+    fs.invalidate_cache(root)  # another process (a worker, a concurrent run) may have written since
+    try:
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    prefix = f"{root}/"
+    files = {}
+    for path, info in found.items():
+        path = path.rstrip("/")
+        if path == root and info.get("type") != "directory":
+            raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder", root)
+        if path.startswith(prefix):
+            files[path[len(prefix):]] = info
+    return files
 
 
 def foreign_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """Files in OUT/data that sdflow did not write."""
+    """Files under OUT that sdflow did not write, relative to OUT.
+
+    Names alone do not prove a manifest.json or contact_sheet.png ours: a dataset's manifest says its
+    format, and a contact sheet without one belongs to a run that committed shards (markers) and then died.
+    """
+    files = list_output(fs, root)
+    foreign = sorted(name for name in files if not is_own(name))
+    ours = "manifest.json" in files and _is_sdflow_manifest(fs.cat_file(f"{root}/manifest.json"))
+    if "manifest.json" in files and not ours:
+        foreign.append("manifest.json (not an sdflow manifest)")
+    if "contact_sheet.png" in files and not ours and not any(n.startswith("_shards/") for n in files):
+        foreign.append("contact_sheet.png")
+    return foreign
+
+
+def _is_sdflow_manifest(data: bytes) -> bool:
     try:
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root}/data", detail=False)]
-    except FileNotFoundError:
-        return []
-    return [n for n in names if not SHARD_FILE.fullmatch(n) and not is_temporary(n)]
+        manifest = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("sdflow-dataset/")
+
+
+def check_writable(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+    """Create and delete a probe file under OUT; raises StorageError naming the output if that fails.
+
+    Locally the folders it needs are made for the probe and removed after it, so a run that stops later
+    (a bad prompt table) still leaves no trace.
+    """
+    probe = f"{root}/.{PROBE}.{uuid.uuid4().hex}.tmp"
+    try:
+        if isinstance(fs, LocalFileSystem):
+            made = []  # the folders this check creates, deepest first
+            folder = root
+            while folder and not os.path.lexists(folder):
+                made.append(folder)
+                folder = os.path.dirname(folder)
+            try:
+                os.makedirs(root, exist_ok=True)
+                os.unlink(write_temporary(f"{root}/{PROBE}", b"probe"))
+            finally:
+                for folder in made:
+                    try:
+                        os.rmdir(folder)
+                    except OSError:  # not ours to remove any more: another run wrote there meanwhile
+                        pass
+        else:
+            fs.pipe_file(probe, b"probe")
+            fs.rm_file(probe)
+    except OSError as e:
+        raise StorageError(f"output {url} cannot be written: {_reason(e)}.") from None
+
+
+def _reason(e: OSError) -> str:
+    """Why a write failed, in words a user can act on."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full (or over quota); free space and run again, committed shards are kept"
+    if isinstance(e, PermissionError) or e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission denied (a read-only folder or file system, or credentials that may not write there)"
+    return f"{type(e).__name__}: {e}"
 
 
 def write_temporary(path: str, data: bytes) -> str:
-    """Write `data` to a hidden temporary file beside local `path`, fsynced; returns its path."""
+    """Write `data` to a hidden temporary file beside local `path`, fsynced; returns its path.
+
+    A failed write (a full disk) removes its temporary file: nothing partial stays behind.
+    """
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
     temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-    with open(temporary, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(temporary, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
     return temporary
+
+
+# Local write errors that no retry can cure: they stop the run at once, named (nodes.errors.retry_transient).
+PERMANENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes, crash: str | None = None) -> None:
@@ -190,7 +313,12 @@ def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes, crash: str
     stores one PUT (or one completed multipart upload) is already all-or-nothing.
     """
     if isinstance(fs, LocalFileSystem):
-        temporary = write_temporary(path, data)
+        try:
+            temporary = write_temporary(path, data)
+        except OSError as e:
+            if e.errno in PERMANENT_ERRNOS:
+                raise StorageError(f"{path} cannot be written: {_reason(e)}.") from None
+            raise
         if crash:
             crash_point(crash)
         os.replace(temporary, path)
@@ -219,10 +347,6 @@ def read_dataset_file(fs: fsspec.AbstractFileSystem, root: str, file: str, colum
 def decode_images(column: pa.ChunkedArray | pa.Array) -> list[Image.Image]:
     """The PIL images of an `image` column (structs of PNG bytes and path), lazily decoded."""
     return [Image.open(io.BytesIO(png)) for png in pa.chunked_array([column]).combine_chunks().field("bytes").to_pylist()]
-
-
-def shard_path(root: str, index: int) -> str:
-    return f"{root}/data/part-{index:05d}.parquet"
 
 
 encode_pngs_task = task(encode_pngs, name="encode-pngs", cache_policy=NO_CACHE, persist_result=False)
