@@ -74,7 +74,11 @@ def run_shard(request: ShardRequest) -> dict:
     storage_options = storage_options_from_env()
     fs, root = open_output(request.out, storage_options)
     committed = read_marker(fs, root, request.shard.index)
-    if committed is not None:  # by an earlier attempt: nothing to generate
+    # By an earlier attempt at these rows: nothing to generate. (Another run's rows at this index are not ours:
+    # the commit then moves this shard to a free index.)
+    if committed is not None and sorted(committed["keys"] + [f["key"] for f in committed["failed"]]) == sorted(
+        f"{int(k):016x}" for k in request.keys
+    ):
         return {**committed, "outcome": "already committed"}
     info = inspect_model(request.model, storage_options)
     if info.fingerprint != request.fingerprint:

@@ -13,6 +13,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import pytest
+import s3fs
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
@@ -25,14 +26,16 @@ transformers_logging.get_logger("transformers")
 
 from nodes.shapes.builders import ToyModelConfig, save_toy_model
 from tests.support.runs import RESUME_ROWS, RESUME_RUN, images_by_id
-from tests.support.tables import write_table
+from tests.support.s3_server import BUCKET, FAKE_AWS_ENV, UNSET_AWS_ENV, MotoS3Server
+from tests.support.tables import TEST_STEPS, write_table
 
-TEST_STEPS = 4  # the tiny model's default steps in tests: enough for every scheduler's multistep logic
+
 
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_home(tmp_path_factory):
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    os.environ["SDFLOW_CACHE"] = str(tmp_path_factory.mktemp("sdflow-cache"))  # model copies, file hashes: not ~/.cache
     yield
 
 
@@ -63,3 +66,35 @@ def resume_reference(prefect_api, tiny_model, tmp_path_factory):
     prompts = write_table(root / "prompts.parquet", RESUME_ROWS)
     generate_dataset(prompts=prompts, out=str(root / "out"), model=tiny_model, **RESUME_RUN)
     return prompts, images_by_id(root / "out")
+
+
+# S3 on loopback (moto's server mode): a server per test module, a clean bucket per test.
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    with MotoS3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Fake credentials and AWS_ENDPOINT_URL pointing at the loopback server; restored after the test."""
+    for name, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    for name in UNSET_AWS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("SDFLOW_STORAGE_OPTIONS", "")  # recorded, so that a CLI run's setting is undone too
+    return s3_server.endpoint_url
+
+
+@pytest.fixture
+def s3(s3_server, s3_env):
+    """A clean server with one empty bucket, and an s3fs client of the test's own to set up and check."""
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3_server.reset()
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server.endpoint_url, skip_instance_cache=True)
+    fs.mkdir(BUCKET)
+    yield fs
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -135,8 +136,11 @@ def test_manifest_records_run_shards_and_versions(dataset):
     assert on_disk["rows"] == {
         "table": 7, "in_dataset": 7, "generated": 7, "already_done": 0, "invalid": 0, "failed": 0, "stale": 0
     }
-    assert [s["file"] for s in on_disk["shards"]] == ["data/part-00000.parquet", "data/part-00001.parquet", "data/part-00002.parquet"]
-    assert sorted(p.name for p in (out / "data").iterdir()) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    # Each attempt writes its own data file (part-NNNNN-ATTEMPT.parquet); the marker names the committed one.
+    attempt = re.compile(r"-[0-9a-f]{32}(?=\.parquet$)")
+    files = [s["file"] for s in on_disk["shards"]]
+    assert [attempt.sub("", f) for f in files] == ["data/part-00000.parquet", "data/part-00001.parquet", "data/part-00002.parquet"]
+    assert sorted(f"data/{p.name}" for p in (out / "data").iterdir()) == sorted(files)
     assert on_disk["resolved"]["device"] == "cpu" and on_disk["resolved"]["dtype"] == "float32"
     assert on_disk["parameters"]["scheduler"] == "euler_a"
     assert {"torch", "diffusers", "transformers", "prefect"} <= set(on_disk["versions"])
@@ -147,7 +151,7 @@ def test_an_output_with_files_of_other_origins_is_refused(prefect_api, tiny_mode
     (tmp_path / "out" / "data").mkdir(parents=True)
     (tmp_path / "out" / "data" / "notes.csv").write_text("mine")
     prompts = write_table(tmp_path / "p.parquet", [{"prompt": "a cat"}])
-    with pytest.raises(StorageError, match=r"files in data/ that sdflow did not write \(notes.csv\)"):
+    with pytest.raises(StorageError, match=r"did not write \(data/notes.csv\)"):
         generate_dataset(prompts=prompts, out=str(tmp_path / "out"), model=tiny_model)
     assert (tmp_path / "out" / "data" / "notes.csv").read_text() == "mine"
 

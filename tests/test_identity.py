@@ -16,10 +16,10 @@ import nodes.pipeline.components as components_module
 from nodes.errors import ModelError
 from nodes.pipeline.components import inspect_model
 from nodes.shapes.builders import ToyModelConfig, save_toy_model
-from tests.conftest import TEST_STEPS
+from tests.support.tables import TEST_STEPS
 from tests.support.runs import run_cli
 from tests.support.tables import write_table
-from tests.test_s3 import BUCKET, s3, s3_env, s3_server, upload_table  # noqa: F401 (fixtures)
+from tests.support.s3_server import BUCKET, upload_table
 
 ROWS = [{"id": i, "prompt": f"a red circle {i}", "seed": 10 + i} for i in range(3)]
 DEFAULTS = {"steps": TEST_STEPS, "guidance_scale": 7.5}

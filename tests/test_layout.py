@@ -88,3 +88,11 @@ def test_nodes_import_no_flows_and_prefect_only_for_their_task_wrappers():
             assert not module.startswith("flows"), f"{where} imports {module}"
             if module.split(".")[0] == "prefect":
                 assert (module, imported) in TASK_WRAPPER_IMPORTS, f"{where} imports {module} {imported or ''}"
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in tests/support/ and fixtures in conftest.py, so each test module stands alone."""
+    for path in (ROOT / "tests").glob("test_*.py"):
+        for module, imported, line in imports(path):
+            named = f"{module}.{imported}" if imported else module
+            assert not named.startswith(("tests.test_", "tests.conftest")), f"{path.name}:{line} imports {named}"

@@ -27,9 +27,8 @@ from nodes.errors import ModelError, PromptTableError, SdflowError, StorageError
 from nodes.shapes.builders import TOY_WORDS
 
 from tests.support.tables import write_table
-from tests.support.s3_server import FAKE_AWS_ENV, UNSET_AWS_ENV, MotoS3Server
+from tests.support.s3_server import BUCKET, upload_table
 
-BUCKET = "sdflow-test"
 BATCH_SIZE = 4
 SHARD_SIZE = 4
 STEPS = 2  # storage is under test here, not sampling: as few U-Net calls as will do (2 CPU cores)
@@ -45,44 +44,6 @@ for row in ROWS:
     row.setdefault("width", None)
     row.setdefault("height", None)
 NATIVE = 64  # the tiny model's images are 64x64
-
-
-# ---------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    with MotoS3Server() as server:
-        yield server
-
-
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    """Fake credentials and AWS_ENDPOINT_URL pointing at the loopback server; restored after the test."""
-    for name, value in FAKE_AWS_ENV.items():
-        monkeypatch.setenv(name, value)
-    for name in UNSET_AWS_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
-    monkeypatch.setenv("SDFLOW_STORAGE_OPTIONS", "")  # recorded, so that a CLI run's setting is undone too
-    return s3_server.endpoint_url
-
-
-@pytest.fixture
-def s3(s3_server, s3_env):
-    """A clean server with one empty bucket, and an s3fs client of the test's own to set up and check."""
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3_server.reset()
-    fs = s3fs.S3FileSystem(endpoint_url=s3_server.endpoint_url, skip_instance_cache=True)
-    fs.mkdir(BUCKET)
-    yield fs
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
-def upload_table(fs: s3fs.S3FileSystem, folder, rows: list[dict], name: str) -> str:
-    """Write rows as a Parquet prompt table and upload it to s3://BUCKET/name; returns its URL."""
-    fs.put_file(write_table(folder / name, rows), f"{BUCKET}/{name}")
-    return f"s3://{BUCKET}/{name}"
 
 
 @pytest.fixture

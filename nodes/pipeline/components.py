@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -151,13 +152,23 @@ def _local_model_dir(ref: str, storage_options: dict | None) -> Path | None:
         key = hashlib.sha256(json.dumps([ref, objects], sort_keys=True).encode()).hexdigest()[:16]
         local = cache_root() / "models" / key
         if not (local / ".complete").exists():
+            # Object by object from the listing, never `get(recursive=True)`: that globs, and a URL with [ * ?
+            # would be read as a pattern. Into a fresh folder, renamed into place once whole.
+            partial = local.with_name(f".{local.name}.{os.getpid()}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
             try:
-                fs.get(f"{root}/", str(local), recursive=True)
+                for name in objects:
+                    (partial / name).parent.mkdir(parents=True, exist_ok=True)
+                    fs.get_file(f"{root.rstrip('/')}/{name}", str(partial / name))
             except Exception as e:  # any store error: permissions, missing bucket, network
+                shutil.rmtree(partial, ignore_errors=True)
                 raise ModelError(f"model {ref} cannot be copied from its store ({type(e).__name__}: {e}).") from None
             if _remote_objects(fs, root, ref) != objects:
+                shutil.rmtree(partial, ignore_errors=True)
                 raise ModelError(f"model {ref} changed while it was being copied; run again once its upload is complete.")
-            (local / ".complete").touch()
+            (partial / ".complete").touch()
+            shutil.rmtree(local, ignore_errors=True)
+            os.replace(partial, local)
         return local
     path = Path(ref.removeprefix("file://")).expanduser()
     if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1:

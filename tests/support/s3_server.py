@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import urllib.request
 
+from tests.support.tables import write_table
+
 # Fake credentials and no AWS config files: nothing from the developer's own AWS setup may leak in, and
 # no lookup may leave the machine (instance metadata included).
 FAKE_AWS_ENV = {
@@ -57,3 +59,12 @@ class MotoS3Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+BUCKET = "sdflow-test"  # the bucket the `s3` fixture (tests/conftest.py) creates on a clean server
+
+
+def upload_table(fs, folder, rows: list[dict], name: str) -> str:
+    """Write rows as a Parquet prompt table and upload it to s3://BUCKET/name; returns its URL."""
+    fs.put_file(write_table(folder / name, rows), f"{BUCKET}/{name}")
+    return f"s3://{BUCKET}/{name}"
