@@ -44,7 +44,9 @@ def check_inputs(p: dict) -> Job:
         raise SdflowError("--batch-size, --shard-size and batches in flight must be at least 1.")
     storage_options = storage_options_from_env()
     info = inspect_model(p["model"], storage_options)
-    defaults = resolve_defaults(info, p["steps"], p["guidance"], p["width"], p["height"], p["negative_prompt"], p["seed"])
+    defaults = resolve_defaults(
+        info, p["steps"], p["guidance"], p["width"], p["height"], p["negative_prompt"], p["seed"], p["guidance_rescale"]
+    )
     sampler = scheduler_name(p["scheduler"], info.scheduler_config)
     device = resolve_device(p["device"])
     dtype = resolve_dtype(p["dtype"], device)
@@ -90,6 +92,7 @@ def generate_dataset(
     scheduler: str | None = None,
     steps: int | None = None,
     guidance: float | None = None,
+    guidance_rescale: float = 0.0,
     width: int | None = None,
     height: int | None = None,
     negative_prompt: str | None = None,

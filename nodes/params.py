@@ -17,6 +17,7 @@ import pyarrow as pa
 MAX_STEPS = 1000  # the training schedule's length: schedulers cannot take more inference steps
 MAX_SIDE = 4096  # pixels; larger sides are refused as almost certainly a mistake in the table
 MAX_SEED = 2**63 - 1  # seeds are stored as int64; torch.Generator.manual_seed accepts all of these
+MAX_PAIR = 65536  # pixels, for SDXL's size and crop conditioning (what it was trained on is far below)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class GenerationDefaults:
     height: int  # image height in pixels, likewise
     negative_prompt: str  # what to steer away from; "" is the unconditional prompt
     seed: int  # run seed; rows without a seed get one derived from it and their id
+    family: str = "sd"  # the model's family (nodes.pipeline.family): which columns its rows resolve
+    guidance_rescale: float = 0.0  # diffusers' rescale_noise_cfg factor in [0, 1]; 0 leaves guidance as it is
 
 
 # --- checks: a value as read from the table (or an option) -> the resolved value, or None if invalid ---
@@ -81,6 +84,11 @@ def finite_number(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def unit_fraction(value) -> float | None:
+    value = finite_number(value)
+    return value if value is not None and 0.0 <= value <= 1.0 else None
+
+
 def image_side(value, size_multiple: int) -> int | None:
     """A width or height if it is a positive multiple of `size_multiple` up to MAX_SIDE, else None."""
     side = whole_number(value, size_multiple, MAX_SIDE)
@@ -102,12 +110,28 @@ def _text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
+def _pair(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) and _numeric(t.value_type)
+
+
 KINDS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
     "id": (lambda t: pa.types.is_integer(t) or _text(t), "an integer or a string"),
     "text": (_text, "a string"),
     "integer": (_numeric, "an integer"),
     "number": (_numeric, "a number"),
+    "pair": (_pair, "a list of two integers"),
 }
+
+
+def pixel_pair(value, _m) -> tuple[int, int] | None:
+    """Two whole numbers from 0 to MAX_PAIR, as a tuple (a diffusers size or crop: (height, width), (top, left))."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None
+    pair = tuple(whole_number(v, 0, MAX_PAIR) for v in value)
+    return None if None in pair else pair
+
+
+REQUIRED = object()  # a Column's `neutral` where a Row must always be given the column
 
 
 @dataclass(frozen=True)
@@ -120,8 +144,12 @@ class Column:
     written: pa.DataType | None  # its Arrow type in the dataset; None: as the table holds it
     check: Callable[[Any, int], Any]  # (value, size multiple) -> the resolved value, or None if invalid
     rule: str  # what a valid value is, for error messages; "{m}" is the size multiple
-    default: Callable[[GenerationDefaults, Any], Any] | None = None  # (run defaults, row id) -> value of a null
+    # (run defaults, the row's columns resolved so far) -> the value of a null; None: a null is invalid
+    default: Callable[[GenerationDefaults, dict], Any] | None = None
     in_key: bool = True  # part of the row key: changing it makes a new image
+    families: tuple[str, ...] | None = None  # the model families that read it (None: all); for others it stays None,
+    # enters no key and is not written, so adding a family's column changes nothing for the others
+    neutral: Any = REQUIRED  # its value in a Row built without it (a family's columns: None), so rows stay easy to write
 
 
 def _prompt(value, _m):
@@ -133,21 +161,40 @@ def _prompt(value, _m):
 COLUMNS: tuple[Column, ...] = (
     Column("id", object, "id", None, lambda v, m: v, "must not be null"),
     Column("prompt", str, "text", pa.string(), _prompt, "must be a non-empty string"),
-    Column("negative_prompt", str, "text", pa.string(), lambda v, m: v, "", lambda d, _id: d.negative_prompt),
+    Column("negative_prompt", str, "text", pa.string(), lambda v, m: v, "", lambda d, r: d.negative_prompt),
     Column(
         "seed", int, "integer", pa.int64(), lambda v, m: whole_number(v, 0, MAX_SEED),
-        f"must be a whole number from 0 to {MAX_SEED}", lambda d, row_id: derive_seed(d.seed, row_id),
+        f"must be a whole number from 0 to {MAX_SEED}", lambda d, r: derive_seed(d.seed, r["id"]),
     ),
     Column(
         "steps", int, "integer", pa.int32(), lambda v, m: whole_number(v, 1, MAX_STEPS),
-        f"must be a whole number from 1 to {MAX_STEPS}", lambda d, _id: d.steps,
+        f"must be a whole number from 1 to {MAX_STEPS}", lambda d, r: d.steps,
     ),
     Column(
         "guidance_scale", float, "number", pa.float64(), lambda v, m: finite_number(v), "must be a finite number",
-        lambda d, _id: d.guidance_scale,
+        lambda d, r: d.guidance_scale,
     ),
-    Column("width", int, "integer", pa.int32(), image_side, "must be a multiple of {m} from {m} to %d" % MAX_SIDE, lambda d, _id: d.width),
-    Column("height", int, "integer", pa.int32(), image_side, "must be a multiple of {m} from {m} to %d" % MAX_SIDE, lambda d, _id: d.height),
+    Column("width", int, "integer", pa.int32(), image_side, "must be a multiple of {m} from {m} to %d" % MAX_SIDE, lambda d, r: d.width),
+    Column("height", int, "integer", pa.int32(), image_side, "must be a multiple of {m} from {m} to %d" % MAX_SIDE, lambda d, r: d.height),
+    # Rescales guided noise predictions towards the text prediction's spread (Lin et al. 2023, as diffusers'
+    # rescale_noise_cfg); v-prediction models (SD 2.x) are commonly run at 0.7.
+    Column(
+        "guidance_rescale", float, "number", pa.float64(), lambda v, m: unit_fraction(v), "must be a number from 0 to 1",
+        lambda d, r: d.guidance_rescale, neutral=0.0,
+    ),
+    # SDXL's micro-conditioning, with StableDiffusionXLPipeline's defaults: the row's own (height, width), no crop.
+    Column(
+        "original_size", tuple, "pair", pa.list_(pa.int32()), pixel_pair, f"must be [height, width], two whole numbers from 0 to {MAX_PAIR}",
+        lambda d, r: (r["height"], r["width"]), families=("sdxl",), neutral=None,
+    ),
+    Column(
+        "crops_coords_top_left", tuple, "pair", pa.list_(pa.int32()), pixel_pair, f"must be [top, left], two whole numbers from 0 to {MAX_PAIR}",
+        lambda d, r: (0, 0), families=("sdxl",), neutral=None,
+    ),
+    Column(
+        "target_size", tuple, "pair", pa.list_(pa.int32()), pixel_pair, f"must be [height, width], two whole numbers from 0 to {MAX_PAIR}",
+        lambda d, r: (r["height"], r["width"]), families=("sdxl",), neutral=None,
+    ),
 )
 COLUMN_NAMES = tuple(c.name for c in COLUMNS)
 
@@ -162,10 +209,11 @@ def _shape_key(self) -> tuple[int, int, int]:
 
 
 # One prompt-table row with every generation parameter resolved: `position` (0-based, in the table), then one
-# field per column of COLUMNS. `id` is the row's id, or its position where the table has none.
+# field per column of COLUMNS. `id` is the row's id, or its position where the table has none. Columns of other
+# families than the model's are None.
 Row = make_dataclass(
     "Row",
-    [("position", int)] + [(c.name, c.type) for c in COLUMNS],
+    [("position", int)] + [(c.name, c.type) if c.neutral is REQUIRED else (c.name, c.type, field(default=c.neutral)) for c in COLUMNS],
     frozen=True,
     namespace={"shape_key": property(_shape_key), "__doc__": "One prompt-table row with every generation parameter resolved."},
 )

@@ -33,6 +33,7 @@ from nodes.params import (
     Row,
     finite_number,
     image_side,
+    unit_fraction,
     whole_number,
 )
 
@@ -84,7 +85,7 @@ def open_prompt_table(url: str, storage_options: dict | None = None) -> pq.Parqu
         raise PromptTableError(f"prompt table {url} cannot be read ({e}).") from None
 
 
-def check_schema(schema: pa.Schema, url: str) -> tuple[str, ...]:
+def check_schema(schema: pa.Schema, url: str, family: str = "sd") -> tuple[str, ...]:
     """Check the control columns' types; returns the carried (non-control) columns in table order."""
     names = schema.names
     if "prompt" not in names:
@@ -100,6 +101,11 @@ def check_schema(schema: pa.Schema, url: str) -> tuple[str, ...]:
         accepts, words = KINDS[column.kind]
         if not (accepts(dtype) or pa.types.is_null(dtype)):
             raise PromptTableError(f"column '{column.name}' of prompt table {url} has type {dtype}; it must hold {words}.")
+        if column.families is not None and family not in column.families:
+            raise PromptTableError(
+                f"column '{column.name}' of prompt table {url} conditions {', '.join(column.families)} models only, and "
+                f"this model is of family '{family}'; rename the column to carry it through, or use such a model."
+            )
     carried = tuple(n for n in names if n not in COLUMN_NAMES)
     clashes = [n for n in carried if n in OUTPUT_COLUMNS]
     if clashes:
@@ -177,21 +183,21 @@ def resolve_rows(
     Returns the valid rows and, for each invalid row position, its id and (column, problem).
     """
     n = chunk.num_rows
-    values = {c.name: _values(chunk, c.name, start) for c in COLUMNS if c.name in chunk.column_names}
+    columns = [c for c in COLUMNS if c.families is None or defaults.family in c.families]
+    values = {c.name: _values(chunk, c.name, start) for c in columns if c.name in chunk.column_names}
     values.setdefault("id", list(range(start, start + n)))
-    read = [values.get(c.name, [None] * n) for c in COLUMNS]
+    read = [values.get(c.name, [None] * n) for c in columns]
     rows: list[Row] = []
     invalid: dict[int, tuple[int | str, tuple[str, str]]] = {}
     for i, row_values in enumerate(zip(*read)):
-        row_id = row_values[0]
         resolved = {}
-        for column, value in zip(COLUMNS, row_values):
+        for column, value in zip(columns, row_values):
             if value is None and column.default is not None:
-                resolved[column.name] = column.default(defaults, row_id)
+                resolved[column.name] = column.default(defaults, resolved)
                 continue
             resolved[column.name] = column.check(value, size_multiple)
             if resolved[column.name] is None:
-                invalid[start + i] = (row_id, (column.name, column.rule.format(m=size_multiple)))
+                invalid[start + i] = (row_values[0], (column.name, column.rule.format(m=size_multiple)))
                 break
         else:
             rows.append(Row(position=start + i, **resolved))
@@ -219,6 +225,7 @@ def resolve_defaults(
     height: int | None,
     negative_prompt: str | None,
     seed: int,
+    guidance_rescale: float = 0.0,
 ) -> GenerationDefaults:
     """The run's defaults: each option as given, else the model's own; errors name the option."""
     m = info.size_multiple
@@ -228,6 +235,7 @@ def resolve_defaults(
         "--width": (info.native_size if width is None else width, lambda v: image_side(v, m)),
         "--height": (info.native_size if height is None else height, lambda v: image_side(v, m)),
         "--seed": (seed, lambda v: whole_number(v, 0, MAX_SEED)),
+        "--guidance-rescale": (guidance_rescale, unit_fraction),
     }
     values = {}
     for option, (value, check) in checks.items():
@@ -241,6 +249,8 @@ def resolve_defaults(
         height=values["--height"],
         negative_prompt=info.default_negative_prompt if negative_prompt is None else negative_prompt,
         seed=values["--seed"],
+        family=info.family,
+        guidance_rescale=values["--guidance-rescale"],
     )
 
 
@@ -250,10 +260,12 @@ OPTION_RULES = {
     "--width": f"a multiple of {{m}} up to {MAX_SIDE}",
     "--height": f"a multiple of {{m}} up to {MAX_SIDE}",
     "--seed": f"a whole number from 0 to {MAX_SEED}",
+    "--guidance-rescale": "a number from 0 to 1",
 }
 
 
 KEY_COLUMNS = tuple(c.name for c in COLUMNS if c.in_key)
+OPTIONAL_KEY = tuple(c.families is not None for c in COLUMNS if c.in_key)
 _KEY_JSON = json.JSONEncoder(ensure_ascii=False).encode  # exactly json.dumps(..., ensure_ascii=False), built once
 
 
@@ -262,7 +274,9 @@ def row_key(row: Row, scheduler: str, model_fingerprint: str) -> int:
 
     A committed row with the same key is the same image; changing any of these makes a new row.
     """
-    payload = _KEY_JSON([getattr(row, name) for name in KEY_COLUMNS] + [scheduler, model_fingerprint])
+    # A family's own columns are None for other families' rows: left out, their keys stay what they were.
+    values = [getattr(row, name) for name in KEY_COLUMNS]
+    payload = _KEY_JSON([v for v, optional in zip(values, OPTIONAL_KEY) if not (optional and v is None)] + [scheduler, model_fingerprint])
     return int.from_bytes(hashlib.blake2b(payload.encode(), digest_size=8).digest(), "big")
 
 
@@ -296,7 +310,7 @@ def plan_prompt_table(
     unless `skip_invalid`, where they are listed in the plan and left out. Duplicate ids are always an error.
     """
     pf = open_prompt_table(url, storage_options)
-    carried = check_schema(pf.schema_arrow, url)
+    carried = check_schema(pf.schema_arrow, url, defaults.family)
     control = [c for c in COLUMN_NAMES if c in pf.schema_arrow.names]
     has_ids = "id" in control
     done = np.sort(done_keys) if done_keys is not None else np.empty(0, np.uint64)

@@ -101,7 +101,9 @@ def shard_table(rows: list[Row], pngs: dict[int, bytes], carried: pa.Table, sche
     images = pa.array([{"bytes": pngs[r.position], "path": None} for r in rows], type=IMAGE_TYPE)
     columns = {"image": images}
     for column in COLUMNS:
-        columns[column.name] = pa.array([getattr(r, column.name) for r in rows], column.written)
+        values = [getattr(r, column.name) for r in rows]
+        if column.families is None or any(v is not None for v in values):  # a family's own columns, for its rows
+            columns[column.name] = pa.array(values, column.written)
     columns["scheduler"] = pa.array([scheduler] * len(rows), pa.string())
     columns["model"] = pa.array([model] * len(rows), pa.string())
     for name in carried.column_names:

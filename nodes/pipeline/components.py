@@ -36,9 +36,8 @@ log = logging.getLogger("sdflow")
 BUILTIN_MODELS = {"sdflow:shapes": "shapes", "sdflow:tiny-random": "tiny-random"}
 DEFAULT_MODEL = "sdflow:shapes"
 
-# Generation defaults where the model says nothing (diffusers' StableDiffusionPipeline defaults).
+# Generation defaults where the model says nothing (diffusers' pipelines' defaults; guidance is the family's).
 FALLBACK_STEPS = 50
-FALLBACK_GUIDANCE = 7.5
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -61,6 +60,7 @@ class ModelInfo:
     default_guidance: float
     default_negative_prompt: str
     scheduler_config: dict = field(hash=False, compare=False)
+    force_zeros_for_empty_prompt: bool = False  # the pipeline's config: an empty negative prompt is zeros (SDXL)
 
 
 @dataclass
@@ -331,9 +331,10 @@ def inspect_model(ref: str | None = None, storage_options: dict | None = None) -
         native_size=sample * vae_scale,
         latent_channels=unet["in_channels"],
         default_steps=int(defaults.get("steps", FALLBACK_STEPS)),
-        default_guidance=float(defaults.get("guidance_scale", FALLBACK_GUIDANCE)),
+        default_guidance=float(defaults.get("guidance_scale", family.default_guidance)),
         default_negative_prompt=str(defaults.get("negative_prompt", "")),
         scheduler_config=configs["scheduler/scheduler_config.json"],
+        force_zeros_for_empty_prompt=bool(configs["model_index.json"].get("force_zeros_for_empty_prompt", False)),
     )
 
 

@@ -46,9 +46,12 @@ def decode_latents(components: Components, latents: torch.Tensor) -> Decoded:
     Images with non-finite values (the known float16 overflow of the SD VAE) are decoded again in float32;
     those still non-finite are reported, not returned as black images.
     """
-    images = _decode(components.vae, latents)
+    vae = components.vae
+    if components.family.upcast_vae and vae.dtype == torch.float16 and vae.config.get("force_upcast", False):
+        vae, latents = float32_vae(components), latents.float()  # diffusers' rule: this VAE decodes in float32
+    images = _decode(vae, latents)
     bad = (~torch.isfinite(images)).flatten(1).any(1)
-    if bad.any() and components.vae.dtype != torch.float32:
+    if bad.any() and vae.dtype != torch.float32:
         rows = bad.nonzero().flatten()
         log.warning("%d image(s) overflowed in %s; decoding them again in float32", len(rows), components.vae.dtype)
         images[rows] = _decode(float32_vae(components), latents[rows].float())

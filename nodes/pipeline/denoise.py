@@ -34,6 +34,14 @@ def make_scheduler(name: str | None, base_config: dict, steps: int, device: torc
     return scheduler
 
 
+def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_text: torch.Tensor, rescale: torch.Tensor) -> torch.Tensor:
+    """diffusers' rescale_noise_cfg with a factor per row (B, 1, 1, 1): each row's guided prediction brought to the
+    spread of its text prediction, mixed by the factor; rows at 0 come out exactly as they went in."""
+    dims = list(range(1, noise_text.ndim))
+    rescaled = noise_cfg * (noise_text.std(dim=dims, keepdim=True) / noise_cfg.std(dim=dims, keepdim=True))
+    return torch.where(rescale > 0, rescale * rescaled + (1 - rescale) * noise_cfg, noise_cfg)
+
+
 @torch.inference_mode()
 def denoise(
     components: Components,
@@ -55,6 +63,9 @@ def denoise(
         scale = torch.tensor([r.guidance_scale for r in rows], device=latents.device, dtype=latents.dtype)
         scale = scale.view(-1, 1, 1, 1)
         mask = torch.tensor([uses_guidance(r.guidance_scale) for r in rows], device=latents.device).view(-1, 1, 1, 1)
+        rescale = None
+        if any(r.guidance_rescale > 0 for r in rows):
+            rescale = torch.tensor([r.guidance_rescale for r in rows], device=latents.device, dtype=latents.dtype).view(-1, 1, 1, 1)
     else:
         context = embeds.prompt_embeds
     added = components.family.conditioning(components, rows, embeds, guided)  # the family's extra U-Net inputs
@@ -70,7 +81,10 @@ def denoise(
         noise = unet(model_input, t, encoder_hidden_states=context, **added, return_dict=False)[0]
         if guided:
             noise_uncond, noise_text = noise.chunk(2)
-            noise = torch.where(mask, noise_uncond + scale * (noise_text - noise_uncond), noise_text)
+            guided_noise = noise_uncond + scale * (noise_text - noise_uncond)
+            if rescale is not None:
+                guided_noise = rescale_noise_cfg(guided_noise, noise_text, rescale)
+            noise = torch.where(mask, guided_noise, noise_text)
         latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
         crash_point("denoise-step")
     return latents

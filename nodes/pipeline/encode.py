@@ -84,6 +84,12 @@ def encode_prompts(components: Components, rows: list[Row]) -> PromptEmbeds:
     negative = negative_pooled = None
     if any(uses_guidance(r.guidance_scale) for r in rows):
         negative, negative_pooled = _encode_all(components, [r.negative_prompt for r in rows])
+        if components.info.force_zeros_for_empty_prompt:
+            # As SDXL pipelines do when no negative prompt is given: zeros, not the encoding of "".
+            empty = torch.tensor([r.negative_prompt == "" for r in rows], device=negative.device)
+            negative = torch.where(empty.view(-1, 1, 1), torch.zeros_like(negative), negative)
+            if negative_pooled is not None:
+                negative_pooled = torch.where(empty.view(-1, 1), torch.zeros_like(negative_pooled), negative_pooled)
     return PromptEmbeds(embeds, negative, pooled, negative_pooled)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from nodes.errors import ModelError
-from nodes.pipeline.conditioning import no_added_conditioning
+from nodes.pipeline.conditioning import no_added_conditioning, text_time_conditioning
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class ModelFamily:
     components: tuple[tuple[str, str, str], ...]  # (name, library, class) of each component loaded, in load order
     text_encoders: tuple[TextEncoder, ...]  # their embeddings are concatenated along the feature axis
     conditioning: Callable  # (components, rows, embeds, guided) -> extra U-Net keyword arguments
+    upcast_vae: bool = False  # decode in float32 where a float16 VAE's config says force_upcast (SDXL's pipelines do)
+    default_guidance: float = 7.5  # the pipeline's default guidance scale, where the model's sdflow.json gives none
 
 
 STABLE_DIFFUSION = ModelFamily(
@@ -50,7 +52,29 @@ STABLE_DIFFUSION = ModelFamily(
     conditioning=no_added_conditioning,
 )
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (STABLE_DIFFUSION,)}
+STABLE_DIFFUSION_XL = ModelFamily(
+    name="sdxl",
+    title="Stable Diffusion XL",
+    pipelines=("StableDiffusionXLPipeline",),
+    components=(
+        ("tokenizer", "transformers", "CLIPTokenizer"),
+        ("text_encoder", "transformers", "CLIPTextModel"),
+        ("tokenizer_2", "transformers", "CLIPTokenizer"),
+        ("text_encoder_2", "transformers", "CLIPTextModelWithProjection"),
+        ("unet", "diffusers", "UNet2DConditionModel"),
+        ("vae", "diffusers", "AutoencoderKL"),
+    ),
+    # Both encoders' penultimate hidden states, concatenated; the second's pooled (projected) output.
+    text_encoders=(
+        TextEncoder("tokenizer", "text_encoder", hidden_state=-2),
+        TextEncoder("tokenizer_2", "text_encoder_2", hidden_state=-2, pooled=True),
+    ),
+    conditioning=text_time_conditioning,
+    upcast_vae=True,
+    default_guidance=5.0,
+)
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (STABLE_DIFFUSION, STABLE_DIFFUSION_XL)}
 
 
 def family_of(model_index: dict, ref: str) -> ModelFamily:

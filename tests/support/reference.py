@@ -23,14 +23,22 @@ def diffusers_image(pipe, row: Row, scheduler: str | None) -> np.ndarray:
     if scheduler is not None:
         sampler = SAMPLERS[scheduler]
         pipe.scheduler = getattr(diffusers, sampler.scheduler).from_config(pipe.scheduler.config, **sampler.overrides)
+    # SDXL rows carry their size and crop conditioning; passed as given, diffusers' defaults are the same values.
+    conditioning = {
+        name: getattr(row, name)
+        for name in ("original_size", "crops_coords_top_left", "target_size")
+        if getattr(row, name, None) is not None
+    }
     image = pipe(
         row.prompt,
         negative_prompt=row.negative_prompt or None,
         num_inference_steps=row.steps,
         guidance_scale=row.guidance_scale,
+        guidance_rescale=row.guidance_rescale,
         width=row.width,
         height=row.height,
         generator=torch.Generator("cpu").manual_seed(row.seed),
+        **conditioning,
     ).images[0]
     return np.asarray(image)
 

@@ -1,0 +1,126 @@
+"""Stable Diffusion XL through the model-family seam: every image equals StableDiffusionXLPipeline's for that row alone."""
+
+from __future__ import annotations
+
+import diffusers
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from nodes.params import SAMPLERS, Row
+from nodes.pipeline.components import inspect_model, load_components
+from tests.support.models import save_tiny_sdxl
+from tests.support.reference import diffusers_image, generate, max_level_difference
+
+
+def xl_row(position, row_id, prompt, negative, seed, guidance, original=None, crop=(0, 0), target=None, size=(64, 64)):
+    width, height = size
+    return Row(
+        position, row_id, prompt, negative, seed, 4, guidance, width, height,
+        original_size=original or (height, width), crops_coords_top_left=crop, target_size=target or (height, width),
+    )
+
+
+# A mixed batch: guidance above, at and below 1; negative prompts and empty ones (zeros under
+# force_zeros_for_empty_prompt); the size and crop conditioning at diffusers' defaults and not.
+ROWS = [
+    xl_row(0, "a", "a small red circle on the left", "", 11, 7.5),
+    xl_row(1, "b", "a large blue square at the top", "blurry", 22, 1.0, original=(128, 96)),
+    xl_row(2, "c", "a photo of a green triangle", "red", 33, 3.0, crop=(8, 16)),
+    xl_row(3, "d", "a yellow star in the centre", "", 44, 0.5, target=(32, 48)),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory) -> str:
+    return str(save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=3))
+
+
+@pytest.fixture(scope="module")
+def components(tiny_sdxl):
+    return load_components(inspect_model(tiny_sdxl), torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sdxl):
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_the_folder_is_read_as_sdxl_with_its_native_size(tiny_sdxl, components):
+    info = inspect_model(tiny_sdxl)
+    assert (info.family, info.native_size, info.force_zeros_for_empty_prompt) == ("sdxl", 64, True)
+    assert set(components.modules) == {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "unet", "vae"}
+
+
+@pytest.mark.parametrize("scheduler", list(SAMPLERS))
+def test_mixed_batch_matches_diffusers_row_by_row(components, reference, scheduler):
+    reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(components.info.scheduler_config)
+    ours = generate(components, ROWS, scheduler)
+    for i, row in enumerate(ROWS):
+        assert max_level_difference(ours[i], diffusers_image(reference, row, scheduler)) <= 1, (scheduler, row.id)
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "dpmpp_2m_karras"])
+def test_a_row_alone_equals_the_row_in_a_batch(components, scheduler):
+    batch = generate(components, ROWS, scheduler)
+    for i, row in enumerate(ROWS):
+        assert max_level_difference(generate(components, [row], scheduler)[0], batch[i]) <= 1, row.id
+
+
+def test_conditioning_and_empty_negative_prompts_change_the_image(components):
+    """The comparisons above would be empty if the images ignored the time ids or the zeroed negative prompt."""
+    base = ROWS[0]
+    variants = [
+        base,
+        xl_row(0, "a", base.prompt, "", base.seed, 7.5, original=(256, 256)),
+        xl_row(0, "a", base.prompt, "", base.seed, 7.5, crop=(512, 512)),
+        xl_row(0, "a", base.prompt, " ", base.seed, 7.5),  # encoded, not zeros
+    ]
+    images = [generate(components, [r], "euler")[0] for r in variants]
+    for other in images[1:]:
+        assert max_level_difference(images[0], other) > 8
+
+
+def test_other_sizes_and_force_zeros_off(tmp_path):
+    """A model whose config keeps "" as an encoded negative prompt, at a size other than its native one."""
+    path = save_tiny_sdxl(tmp_path / "no-zeros", seed=5, force_zeros_for_empty_prompt=False)
+    assert not inspect_model(str(path)).force_zeros_for_empty_prompt
+    components = load_components(inspect_model(str(path)), torch.device("cpu"), torch.float32)
+    pipe = StableDiffusionXLPipeline.from_pretrained(path, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    row = xl_row(0, "w", "a wide red square", "", 5, 7.5, size=(96, 48))
+    ours = generate(components, [row], "euler")[0]
+    assert ours.shape == (48, 96, 3)
+    assert max_level_difference(ours, diffusers_image(pipe, row, "euler")) <= 1
+
+
+def test_sdxl_dataset_records_its_conditioning_and_sd_models_refuse_sdxl_columns(
+    prefect_api, tiny_sdxl, tiny_model, tmp_path, capsys
+):
+    from datasets import load_dataset
+
+    from flows.generate import generate_dataset
+    from tests.support.runs import images_by_id, run_cli
+    from tests.support.tables import write_table
+
+    rows = [
+        {"id": "a", "prompt": "a small red circle", "seed": 1},
+        {"id": "b", "prompt": "a blue square", "seed": 2, "original_size": [128, 96], "crops_coords_top_left": [8, 0]},
+    ]
+    table = write_table(tmp_path / "xl.parquet", rows)
+    out = tmp_path / "out"
+    manifest = generate_dataset(prompts=table, out=str(out), model=tiny_sdxl, steps=4, scheduler="euler")
+    assert manifest["rows"]["generated"] == 2
+    ds = load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), split="train")
+    got = {r["id"]: (r["original_size"], r["crops_coords_top_left"], r["target_size"]) for r in ds}
+    assert got == {"a": ([64, 64], [0, 0], [64, 64]), "b": ([128, 96], [8, 0], [64, 64])}
+    components = load_components(inspect_model(tiny_sdxl), torch.device("cpu"), torch.float32)
+    assert manifest["resolved"]["guidance_scale"] == 5.0  # StableDiffusionXLPipeline's default
+    expected = [xl_row(1, "b", rows[1]["prompt"], "", 2, 5.0, original=(128, 96), crop=(8, 0))]
+    assert max_level_difference(images_by_id(out)["b"], generate(components, expected, "euler")[0]) <= 1
+
+    code, err = run_cli(capsys, table, tmp_path / "sd-out", "--model", tiny_model)
+    assert code == 2 and "original_size" in err and "sdxl" in err, err
+    assert not (tmp_path / "sd-out").exists()
