@@ -198,3 +198,15 @@ def test_datasets_of_the_earlier_layout_resume(prefect_api, tiny_model, prompts,
     assert (again["rows"]["generated"], again["rows"]["already_done"]) == (0, 2)
     assert sorted(s["file"] for s in assert_consistent(out)["shards"]) == ["data/part-00000.parquet", "data/part-00001.parquet"]
     assert pq.read_table(out / "data").num_rows == 2
+
+
+def test_a_dataset_of_another_format_is_not_extended(prefect_api, tiny_model, prompts, dataset, tmp_path):
+    """Format 1 keyed rows by config sizes and had no guidance_rescale column: new shards would never match it."""
+    out = copy_of(dataset, tmp_path / "out")
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format": "sdflow-dataset/1"}))
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(StorageError, match=r"format sdflow-dataset/1.*write to a new location"):
+        generate_dataset(prompts=prompts, out=str(out), model=tiny_model, **RUN)
+    assert sorted(p.name for p in out.rglob("*")) == before
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["format"] == "sdflow-dataset/1"

@@ -10,7 +10,7 @@ import fsspec
 
 from nodes.dataset.commit import Committed
 from nodes.dataset.ingest import PromptPlan
-from nodes.dataset.store import write_file
+from nodes.dataset.store import DATASET_FORMAT, write_file
 from nodes.params import GenerationDefaults
 from nodes.pipeline.components import ModelInfo
 
@@ -46,7 +46,7 @@ def build_manifest(
     in_dataset = set(committed.keys.tolist())
     failed = {f["key"]: f for m in committed.markers for f in m["failed"] if int(f["key"], 16) not in in_dataset}
     return {
-        "format": "sdflow-dataset/1",
+        "format": DATASET_FORMAT,
         "parameters": parameters,
         "resolved": {
             "steps": defaults.steps,
@@ -55,7 +55,9 @@ def build_manifest(
             "height": defaults.height,
             "negative_prompt": defaults.negative_prompt,
             "seed": defaults.seed,
+            "guidance_rescale": defaults.guidance_rescale,
             "model": info.ref,
+            "family": info.family,
             "model_fingerprint": info.fingerprint,
             "device": device,
             "dtype": dtype,

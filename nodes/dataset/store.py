@@ -158,6 +158,7 @@ def open_output(url: str, storage_options: dict | None = None) -> tuple[fsspec.A
                 "manifest, contact sheet, data/, _shards/ and evaluation/, and sdflow replaces and deletes files "
                 "there: choose a new or empty location, or move those files away."
             )
+        check_format(fs, root, url)
         check_writable(fs, root, url)
     except StorageError:
         raise
@@ -233,6 +234,25 @@ def foreign_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     if "contact_sheet.png" in files and not ours and not any(n.startswith("_shards/") for n in files):
         foreign.append("contact_sheet.png")
     return foreign
+
+
+# The dataset format this version writes. 2: row keys name the model by its content and cover guidance_rescale
+# (which is a column), data files are per attempt. A dataset of another format is not extended: its rows' keys
+# would never match and its shards' columns would differ from the new ones.
+DATASET_FORMAT = "sdflow-dataset/2"
+
+
+def check_format(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+    """Refuse an existing sdflow dataset of another format than this version writes."""
+    try:
+        found = json.loads(fs.cat_file(f"{root}/manifest.json")).get("format")
+    except FileNotFoundError:
+        return
+    if found != DATASET_FORMAT:
+        raise StorageError(
+            f"output {url} is a dataset of format {found}, written by another sdflow version; this one writes "
+            f"{DATASET_FORMAT} (other row keys and columns), so it cannot extend it: write to a new location."
+        )
 
 
 def _is_sdflow_manifest(data: bytes) -> bool:
