@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from nodes.errors import PromptTableError, name_ids
+from nodes.dataset.store import loadable_type
+from nodes.errors import PromptTableError, StorageError, name_ids
 from nodes.pipeline.components import ModelInfo
 from nodes.params import (
     COLUMN_NAMES,
@@ -109,6 +110,54 @@ def check_schema(schema: pa.Schema, url: str) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise PromptTableError(f"prompt table {url} has duplicate column names: {', '.join(names)}.")
     return carried
+
+
+def written_schema(schema: pa.Schema) -> pa.Schema:
+    """The id and carried columns of a table as the dataset's shards hold them (nodes.dataset.store.shard_table)."""
+    ids = schema.field("id").type if "id" in schema.names else pa.int64()  # no id column: positions
+    ids = ids.value_type if pa.types.is_dictionary(ids) else ids
+    fields = [pa.field("id", pa.string() if KINDS["text"][0](ids) else pa.int64())]
+    return pa.schema(fields + [pa.field(f.name, loadable_type(f.type)) for f in schema if f.name not in COLUMN_NAMES])
+
+
+def committed_schema(fs: fsspec.AbstractFileSystem, root: str, markers: tuple[dict, ...], out: str) -> tuple[str, pa.Schema] | None:
+    """(its URL, its schema) of the newest committed shard file, read from its footer; None for a new dataset."""
+    files = [m["file"] for m in markers if m.get("file")]
+    if not files:
+        return None
+    url = f"{out.rstrip('/')}/{files[-1]}"
+    try:
+        with fs.open(f"{root}/{files[-1]}", "rb") as f:
+            return url, pq.read_schema(f)
+    except (OSError, pa.ArrowException) as e:
+        raise StorageError(f"committed shard {url} cannot be read ({type(e).__name__}: {e}); its marker names it.") from None
+
+
+def check_same_schema(schema: pa.Schema, url: str, committed: tuple[str, pa.Schema]) -> None:
+    """Refuse a table whose id or carried columns would be written with other types than the committed shards'.
+
+    Shards of two schemas do not make one dataset: `datasets` refuses to load them, pyarrow silently reads the
+    columns of one file's schema only.
+    """
+    shard, have = committed
+    have = pa.schema([f for f in have if f.name == "id" or f.name not in OUTPUT_COLUMNS])
+    want = written_schema(schema)
+    problems = [
+        f"column '{f.name}' ({f.type}) is not in the dataset" for f in want if f.name not in have.names
+    ] + [
+        f"column '{f.name}' ({f.type}) is not in the table" for f in have if f.name not in want.names
+    ] + [
+        f"column '{f.name}' would be written as {f.type}, but the dataset holds {have.field(f.name).type}"
+        for f in want
+        if f.name in have.names and f.type != have.field(f.name).type
+    ]
+    if problems:
+        raise PromptTableError(
+            f"prompt table {url} does not match the dataset it would extend (its shard {shard}): "
+            + "; ".join(problems)
+            + ". Shards of two schemas cannot be read as one dataset. Give the table the dataset's columns and "
+            "types (cast or add them), or write to a new output."
+        )
 
 
 def _record_batches(pf: pq.ParquetFile, rows: int, columns: list[str] | None, url: str) -> Iterator[pa.RecordBatch]:
@@ -287,6 +336,7 @@ def plan_prompt_table(
     first_shard: int = 0,
     skip_invalid: bool = False,
     storage_options: dict | None = None,
+    dataset_schema: tuple[str, pa.Schema] | None = None,
 ) -> PromptPlan:
     """Validate every row of the table (control columns only, streamed) and plan the rows still to generate.
 
@@ -294,9 +344,12 @@ def plan_prompt_table(
     is in `done_keys` (sorted uint64, from committed shards) are skipped. The rest are cut, in table order, into
     shards of `rows_per_shard` numbered from `first_shard`. Raises PromptTableError naming the invalid rows,
     unless `skip_invalid`, where they are listed in the plan and left out. Duplicate ids are always an error.
+    `dataset_schema` (committed_schema) is the schema of the output's shards, which the table must keep.
     """
     pf = open_prompt_table(url, storage_options)
     carried = check_schema(pf.schema_arrow, url)
+    if dataset_schema is not None:
+        check_same_schema(pf.schema_arrow, url, dataset_schema)
     control = [c for c in COLUMN_NAMES if c in pf.schema_arrow.names]
     has_ids = "id" in control
     done = np.sort(done_keys) if done_keys is not None else np.empty(0, np.uint64)
