@@ -38,6 +38,7 @@ from nodes.params import (
 )
 
 SCAN_ROWS = 65_536  # rows per record batch in the planning pass: a few MB of control columns
+READ_BUFFER = 4 << 20  # bytes read at a time from a column chunk, however large its row group
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ def open_prompt_table(url: str, storage_options: dict | None = None) -> pq.Parqu
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
         # pre_buffer=False: with pyarrow's default read cache, every row group read stays in memory until the
         # file is closed, so one pass over the table would hold all of its bytes; without it memory stays flat.
-        return pq.ParquetFile(fs.open(path, "rb"), pre_buffer=False)
+        # buffer_size: without it each column chunk of a row group is read whole before its first batch decodes.
+        return pq.ParquetFile(fs.open(path, "rb"), pre_buffer=False, buffer_size=READ_BUFFER)
     except FileNotFoundError:
         raise PromptTableError(f"prompt table {url} does not exist.") from None
     except (pa.ArrowInvalid, OSError) as e:
@@ -448,7 +450,9 @@ def iter_shard_rows(
         rows = [r for r, t in zip(rows, todo) if t]
         if not rows:
             continue
-        carried = chunk.select(list(plan.carried_columns)).take([r.position - start for r in rows])
+        carried = chunk.select(list(plan.carried_columns))
+        if len(rows) < chunk.num_rows:  # a copy only where rows are left out; wide carried columns are costly
+            carried = carried.take([r.position - start for r in rows])
         pending.append((rows, carried, keys[todo]))
         buffered += len(rows)
         while buffered >= plan.rows_per_shard:
