@@ -215,6 +215,9 @@ def test_a_large_row_group_is_read_in_pieces_not_whole(tmp_path, monkeypatch):
         def open(self, *args, **kwargs):
             return Recorded(self.fs.open(*args, **kwargs))
 
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
     def recording(url, **options):
         fs, p = url_to_fs(url, **options)
         return RecordingFS(fs), p
