@@ -13,7 +13,7 @@ from flows.artifacts import ShardReport, publish_contact_sheet
 from flows.fanout import fan_out, shard_requests, used_shard_indices
 from flows.shards import generate_shards
 from nodes.dataset.commit import Committed, clean_uncommitted, read_committed
-from nodes.dataset.ingest import PromptPlan, plan_prompt_table_task, resolve_defaults
+from nodes.dataset.ingest import PromptPlan, committed_schema, plan_prompt_table_task, resolve_defaults
 from nodes.dataset.manifest import build_manifest, write_manifest
 from nodes.dataset.sheet import CONTACT_SHEET, SHEET_ROWS, contact_sheet, first_images
 from nodes.dataset.store import open_output, storage_options_from_env
@@ -121,7 +121,7 @@ def generate_dataset(
     plan = plan_prompt_table_task(
         prompts, job.defaults, job.info.size_multiple, shard_size, identity=(job.run.sampler, job.info.fingerprint),
         done_keys=job.committed.keys, first_shard=first_shard, skip_invalid=skip_invalid,
-        storage_options=job.run.storage_options,
+        storage_options=job.run.storage_options, dataset_schema=committed_schema(job.fs, job.root, job.committed.markers, out),
     )
 
     report = ShardReport(plan, job.fs, job.root)

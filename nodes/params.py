@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import unicodedata
+from decimal import Decimal
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Callable
 
@@ -68,8 +70,12 @@ class GenerationDefaults:
 
 def whole_number(value, low: int, high: int) -> int | None:
     """`value` as an int if it is a whole number in [low, high], else None."""
-    if isinstance(value, bool) or value is None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
         return None
+    if isinstance(value, Decimal):  # a decimal column: exact, so 20.00 is whole and 20.5 is not
+        if not value.is_finite() or value != value.to_integral_value():
+            return None
+        value = int(value)
     if isinstance(value, float):
         if not math.isfinite(value) or not value.is_integer():
             return None
@@ -78,7 +84,9 @@ def whole_number(value, low: int, high: int) -> int | None:
 
 
 def finite_number(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        return None
+    if isinstance(value, Decimal) and not value.is_finite():
         return None
     value = float(value)
     return value if math.isfinite(value) else None
@@ -103,7 +111,7 @@ def derive_seed(run_seed: int, row_id: int | str) -> int:
 
 # What a table column may hold: (predicate on its Arrow type, words for the error message).
 def _numeric(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t)
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
 
 
 def _text(t: pa.DataType) -> bool:
@@ -152,15 +160,21 @@ class Column:
     neutral: Any = REQUIRED  # its value in a Row built without it (a family's columns: None), so rows stay easy to write
 
 
+def is_blank(text: str) -> bool:
+    """True if nothing is left of `text` without whitespace, format (Cf: zero-width, BOM, bidi marks) and control
+    (Cc: NUL) characters: text that renders as nothing, which a text encoder sees as an empty prompt."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cf", "Cc") for c in text)
+
+
 def _prompt(value, _m):
-    return value if isinstance(value, str) and value.strip() else None
+    return value if isinstance(value, str) and not is_blank(value) else None
 
 
 # The prompt table's columns that sdflow reads, in the order of Row's fields and of the row key; every other
 # column of the table is carried through to the dataset untouched.
 COLUMNS: tuple[Column, ...] = (
     Column("id", object, "id", None, lambda v, m: v, "must not be null"),
-    Column("prompt", str, "text", pa.string(), _prompt, "must be a non-empty string"),
+    Column("prompt", str, "text", pa.string(), _prompt, "must be a non-empty string (not only spaces, invisible or control characters)"),
     Column("negative_prompt", str, "text", pa.string(), lambda v, m: v, "", lambda d, r: d.negative_prompt),
     Column(
         "seed", int, "integer", pa.int64(), lambda v, m: whole_number(v, 0, MAX_SEED),

@@ -7,6 +7,7 @@ Every refused table must give exit code 2, one paragraph on stderr (no traceback
 
 from __future__ import annotations
 
+import decimal
 import json
 import zlib
 from pathlib import Path
@@ -137,17 +138,27 @@ REFUSED = [
     (
         "null-prompts",
         table(prompt=["a red circle", None, None]),
-        ["column 'prompt' must be a non-empty string, but is not in 2 row(s) with id 2, 3", "--skip-invalid"],
+        ["column 'prompt' must be a non-empty string (not only spaces, invisible or control characters), but is not in 2 row(s) with id 2, 3", "--skip-invalid"],
     ),
     (
         "prompt-column-all-null",
         table(prompt=([None, None, None], pa.null())),
-        ["column 'prompt' must be a non-empty string, but is not in 3 row(s) with id 1, 2, 3"],
+        ["column 'prompt' must be a non-empty string (not only spaces, invisible or control characters), but is not in 3 row(s) with id 1, 2, 3"],
     ),
     (
         "empty-and-blank-prompts",
         table(id=["a", "b", "c"], prompt=["", " \t\n", "a red circle"]),
-        ["column 'prompt' must be a non-empty string, but is not in 2 row(s) with id 'a', 'b'"],
+        ["column 'prompt' must be a non-empty string (not only spaces, invisible or control characters), but is not in 2 row(s) with id 'a', 'b'"],
+    ),
+    (
+        "prompts-of-invisible-characters-only",
+        table(id=["nul", "zero-width", "nbsp"], prompt=["\x00\x00", "\u200b\ufeff\u200d", "\u00a0\u3000"]),
+        ["column 'prompt' must be a non-empty string", "3 row(s) with id 'nul', 'zero-width', 'nbsp'"],
+    ),
+    (
+        "steps-2.5-in-decimal-column",
+        table(steps=([decimal.Decimal("1"), decimal.Decimal("2.5"), None], pa.decimal128(4, 1))),
+        ["column 'steps' must be a whole number from 1 to 1000, but is not in 1 row(s) with id 2"],
     ),
     ("duplicate-ids", table(id=[7, 8, 7], prompt=["a", "b", "c"]), ["duplicate ids: 7", "unique"]),
     (
@@ -349,8 +360,10 @@ def test_unicode_and_emoji_prompts_survive_byte_for_byte(prefect_api, tiny_model
     assert data.column("note").to_pylist() == [f"carried {p}" for p in prompts]
     for prompt, image in zip(prompts, data.column("image").to_pylist()):
         parameters = png_text_chunks(image["bytes"])[b"parameters"]
-        # The infotext's first line(s) are the prompt exactly as given; the settings line follows.
-        assert parameters.startswith(prompt.encode("utf-8") + b"\nSteps: 1, "), parameters[:200]
+        # The infotext's first line is the prompt exactly as given (one with a line break as a JSON string,
+        # so that it cannot forge the lines after it: tests/test_readers.py); the settings line follows.
+        line = json.dumps(prompt, ensure_ascii=False) if "\n" in prompt else prompt
+        assert parameters.startswith(line.encode("utf-8") + b"\nSteps: 1, "), parameters[:200]
 
 
 def test_unusual_but_valid_column_types_are_accepted(prefect_api, tiny_model, tmp_path, capsys):
@@ -372,3 +385,22 @@ def test_unusual_but_valid_column_types_are_accepted(prefect_api, tiny_model, tm
     assert data.column("seed").to_pylist() == [2**63 - 1, 0]
     assert data.column("width").to_pylist() == [8, 72]
     assert data.column("height").to_pylist() == [64, 64]
+
+
+def test_decimal_parameter_columns_are_accepted(prefect_api, tiny_model, tmp_path, capsys):
+    d = decimal.Decimal
+    t = table(
+        guidance_scale=([d("7.50"), d("1.00"), None], pa.decimal128(4, 2)),
+        seed=([d("12"), None, d("9223372036854775807")], pa.decimal128(19, 0)),
+        steps=([d("1.0"), d("1.0"), None], pa.decimal128(3, 1)),
+        width=([d("64"), d("72"), None], pa.decimal256(40, 0)),
+        height=([d("64"), None, d("8")], pa.decimal128(5, 0)),
+    )
+    out = tmp_path / "out"
+    code, err = run(capsys, written(tmp_path, t), out, tiny_model)
+    assert code == 0, err
+    data = pq.read_table(out / "data")
+    assert data.column("guidance_scale").to_pylist()[:2] == [7.5, 1.0]
+    assert data.column("seed").to_pylist()[::2] == [12, 2**63 - 1]
+    assert data.column("width").to_pylist() == [64, 72, 64]
+    assert data.column("height").to_pylist() == [64, 64, 8]

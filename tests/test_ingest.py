@@ -69,7 +69,7 @@ def test_null_and_empty_prompts_name_the_row_ids(tmp_path):
 def test_skip_invalid_records_rows_and_keeps_the_rest(tmp_path):
     rows = [{"prompt": "ok", "steps": 3}, {"prompt": None, "steps": 3}, {"prompt": "ok", "steps": 0}]
     p = plan(write_table(tmp_path / "t.parquet", rows), skip_invalid=True)
-    assert p.invalid == {1: (1, "prompt must be a non-empty string"), 2: (2, "steps must be a whole number from 1 to 1000")}
+    assert p.invalid == {1: (1, "prompt must be a non-empty string (not only spaces, invisible or control characters)"), 2: (2, "steps must be a whole number from 1 to 1000")}
     assert p.rows_to_generate == 1
     assert [r.position for r in all_rows(p)] == [0]
 
@@ -181,3 +181,48 @@ def test_row_key_covers_every_generation_parameter():
     keys = {row_key(r, "euler", "m") for r in variants} | {row_key(base, "ddim", "m"), row_key(base, "euler", "m2")}
     assert row_key(base, "euler", "m") not in keys and len(keys) == 10
     assert row_key(Row(5, "a", "p", "n", 1, 20, 7.5, 64, 64), "euler", "m") == row_key(base, "euler", "m")
+
+
+def test_a_large_row_group_is_read_in_pieces_not_whole(tmp_path, monkeypatch):
+    """Peak memory follows the batches, not the row group: no read of a column chunk at once (see README)."""
+    import fsspec
+
+
+    rng = np.random.default_rng(0)
+    n = 12_000  # one row group, a 12 MB carried column of 1 KB values
+    table = pa.table({"id": np.arange(n), "prompt": ["a cat"] * n, "blob": [rng.bytes(1000) for _ in range(n)]})
+    path = tmp_path / "t.parquet"
+    pq.write_table(table, path, row_group_size=n)
+    reads: list[int] = []
+    url_to_fs = fsspec.core.url_to_fs
+
+    class Recorded:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, size=-1):
+            data = self.f.read(size)
+            reads.append(len(data))
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    class RecordingFS:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def open(self, *args, **kwargs):
+            return Recorded(self.fs.open(*args, **kwargs))
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+    def recording(url, **options):
+        fs, p = url_to_fs(url, **options)
+        return RecordingFS(fs), p
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", recording)
+    p = plan(path, rows_per_shard=1000)
+    assert sum(len(rows) for _, rows, _, _ in iter_shard_rows(p, DEFAULTS, 8)) == n
+    assert sum(reads) > 2 * 12_000_000 and max(reads) < 12_000_000 // 2  # read twice, never a column chunk whole

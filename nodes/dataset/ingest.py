@@ -7,6 +7,7 @@ row before any model is loaded), and generation streams all columns again one sh
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from nodes.errors import PromptTableError, name_ids
+from nodes.dataset.store import loadable_type
+from nodes.errors import PromptTableError, StorageError, name_ids
 from nodes.pipeline.components import ModelInfo
 from nodes.params import (
     COLUMN_NAMES,
@@ -38,6 +40,7 @@ from nodes.params import (
 )
 
 SCAN_ROWS = 65_536  # rows per record batch in the planning pass: a few MB of control columns
+READ_BUFFER = 4 << 20  # bytes read at a time from a column chunk, however large its row group
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Shard:
 
     index: int  # the file's number, part-NNNNN; a committed index is never reused
     rows: int
+    keys_digest: str = ""  # shard_digest of its rows' keys, as planned: generation checks it reads the same rows
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class PromptPlan:
     shards: tuple[Shard, ...]  # the rows still to generate
     invalid: dict[int, tuple[int | str, str]] = field(default_factory=dict)  # position -> (id, problem)
     identity: tuple[str, str] = ("", "")  # (scheduler, model fingerprint): part of every row key
+    version: str = ""  # the table file's version when planned (_open_versioned); generation reads only that one
     done_keys: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64), compare=False)  # sorted
     already_done: int = 0  # rows of this table committed by earlier runs, skipped
     stale: int = 0  # committed rows that this table and these parameters no longer produce
@@ -70,11 +75,24 @@ class PromptPlan:
 
 def open_prompt_table(url: str, storage_options: dict | None = None) -> pq.ParquetFile:
     """Open a Parquet table at a local path or fsspec URL, with errors that name the file."""
+    return _open_versioned(url, storage_options)[0]
+
+
+# What a store's file info says of a file's version: local size, modification time and inode; object stores'
+# ETag, version id and modification time (S3: ETag, VersionId, LastModified; GCS: generation; Azure: etag).
+VERSION_KEYS = ("size", "mtime", "ino", "ETag", "VersionId", "LastModified", "generation", "etag", "last_modified")
+
+
+def _open_versioned(url: str, storage_options: dict | None) -> tuple[pq.ParquetFile, str]:
+    """The opened table and its version: the store's stamp of the file and a hash of its Parquet footer."""
     try:
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        f = fs.open(path, "rb")
         # pre_buffer=False: with pyarrow's default read cache, every row group read stays in memory until the
         # file is closed, so one pass over the table would hold all of its bytes; without it memory stays flat.
-        return pq.ParquetFile(fs.open(path, "rb"), pre_buffer=False)
+        # buffer_size: without it each column chunk of a row group is read whole before its first batch decodes.
+        pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=READ_BUFFER)
+        info = getattr(f, "details", None) or fs.info(path)  # object stores: the info of the object being read
     except FileNotFoundError:
         raise PromptTableError(f"prompt table {url} does not exist.") from None
     except (pa.ArrowInvalid, OSError) as e:
@@ -83,6 +101,19 @@ def open_prompt_table(url: str, storage_options: dict | None = None) -> pq.Parqu
         if isinstance(e, IsADirectoryError) or "magic bytes" in str(e) or "Parquet" in str(e):
             raise PromptTableError(f"prompt table {url} is not a Parquet file ({e}).") from None
         raise PromptTableError(f"prompt table {url} cannot be read ({e}).") from None
+    footer = io.BytesIO()
+    pf.metadata.write_metadata_file(footer)  # row groups' offsets, sizes and statistics: changes with the data
+    version = {k: str(info[k]) for k in VERSION_KEYS if info.get(k) is not None}
+    version["footer"] = hashlib.blake2b(footer.getvalue(), digest_size=16).hexdigest()
+    return pf, json.dumps(version, sort_keys=True)
+
+
+def changed(url: str, how: str) -> PromptTableError:
+    return PromptTableError(
+        f"prompt table {url} changed during the run: {how}. It was checked whole before generation started, and "
+        "nothing was generated from the changed file. Leave the table in place while sdflow runs (write a new "
+        "file for a new version), then run again: committed rows are kept."
+    )
 
 
 def check_schema(schema: pa.Schema, url: str, family: str = "sd") -> tuple[str, ...]:
@@ -115,6 +146,54 @@ def check_schema(schema: pa.Schema, url: str, family: str = "sd") -> tuple[str, 
     if len(set(names)) != len(names):
         raise PromptTableError(f"prompt table {url} has duplicate column names: {', '.join(names)}.")
     return carried
+
+
+def written_schema(schema: pa.Schema) -> pa.Schema:
+    """The id and carried columns of a table as the dataset's shards hold them (nodes.dataset.store.shard_table)."""
+    ids = schema.field("id").type if "id" in schema.names else pa.int64()  # no id column: positions
+    ids = ids.value_type if pa.types.is_dictionary(ids) else ids
+    fields = [pa.field("id", pa.string() if KINDS["text"][0](ids) else pa.int64())]
+    return pa.schema(fields + [pa.field(f.name, loadable_type(f.type)) for f in schema if f.name not in COLUMN_NAMES])
+
+
+def committed_schema(fs: fsspec.AbstractFileSystem, root: str, markers: tuple[dict, ...], out: str) -> tuple[str, pa.Schema] | None:
+    """(its URL, its schema) of the newest committed shard file, read from its footer; None for a new dataset."""
+    files = [m["file"] for m in markers if m.get("file")]
+    if not files:
+        return None
+    url = f"{out.rstrip('/')}/{files[-1]}"
+    try:
+        with fs.open(f"{root}/{files[-1]}", "rb") as f:
+            return url, pq.read_schema(f)
+    except (OSError, pa.ArrowException) as e:
+        raise StorageError(f"committed shard {url} cannot be read ({type(e).__name__}: {e}); its marker names it.") from None
+
+
+def check_same_schema(schema: pa.Schema, url: str, committed: tuple[str, pa.Schema]) -> None:
+    """Refuse a table whose id or carried columns would be written with other types than the committed shards'.
+
+    Shards of two schemas do not make one dataset: `datasets` refuses to load them, pyarrow silently reads the
+    columns of one file's schema only.
+    """
+    shard, have = committed
+    have = pa.schema([f for f in have if f.name == "id" or f.name not in OUTPUT_COLUMNS])
+    want = written_schema(schema)
+    problems = [
+        f"column '{f.name}' ({f.type}) is not in the dataset" for f in want if f.name not in have.names
+    ] + [
+        f"column '{f.name}' ({f.type}) is not in the table" for f in have if f.name not in want.names
+    ] + [
+        f"column '{f.name}' would be written as {f.type}, but the dataset holds {have.field(f.name).type}"
+        for f in want
+        if f.name in have.names and f.type != have.field(f.name).type
+    ]
+    if problems:
+        raise PromptTableError(
+            f"prompt table {url} does not match the dataset it would extend (its shard {shard}): "
+            + "; ".join(problems)
+            + ". Shards of two schemas cannot be read as one dataset. Give the table the dataset's columns and "
+            "types (cast or add them), or write to a new output."
+        )
 
 
 def _record_batches(pf: pq.ParquetFile, rows: int, columns: list[str] | None, url: str) -> Iterator[pa.RecordBatch]:
@@ -206,15 +285,18 @@ def resolve_rows(
 
 def describe_invalid(invalid: dict[int, tuple[int | str, tuple[str, str]]], url: str) -> str:
     """One paragraph naming, per column and problem, the ids of the rows that have it."""
+    return f"prompt table {url} has invalid rows: " + _problems(invalid) + "."
+
+
+def _problems(invalid: dict[int, tuple[int | str, tuple[str, str]]]) -> str:
     by_problem: dict[tuple[str, str], list] = defaultdict(list)
     for position, (row_id, problem) in invalid.items():
         by_problem[problem].append(position if problem[0] == "id" else row_id)  # a null id cannot name its row
-    parts = [
+    return "; ".join(
         f"column '{column}' {problem}, but is not in {len(named)} row(s) "
         + (f"at position {name_ids(named)}" if column == "id" else f"with id {name_ids(named)}")
         for (column, problem), named in by_problem.items()
-    ]
-    return f"prompt table {url} has invalid rows: " + "; ".join(parts) + "."
+    )
 
 
 def resolve_defaults(
@@ -301,6 +383,7 @@ def plan_prompt_table(
     first_shard: int = 0,
     skip_invalid: bool = False,
     storage_options: dict | None = None,
+    dataset_schema: tuple[str, pa.Schema] | None = None,
 ) -> PromptPlan:
     """Validate every row of the table (control columns only, streamed) and plan the rows still to generate.
 
@@ -308,9 +391,12 @@ def plan_prompt_table(
     is in `done_keys` (sorted uint64, from committed shards) are skipped. The rest are cut, in table order, into
     shards of `rows_per_shard` numbered from `first_shard`. Raises PromptTableError naming the invalid rows,
     unless `skip_invalid`, where they are listed in the plan and left out. Duplicate ids are always an error.
+    `dataset_schema` (committed_schema) is the schema of the output's shards, which the table must keep.
     """
-    pf = open_prompt_table(url, storage_options)
+    pf, version = _open_versioned(url, storage_options)
     carried = check_schema(pf.schema_arrow, url, defaults.family)
+    if dataset_schema is not None:
+        check_same_schema(pf.schema_arrow, url, dataset_schema)
     control = [c for c in COLUMN_NAMES if c in pf.schema_arrow.names]
     has_ids = "id" in control
     done = np.sort(done_keys) if done_keys is not None else np.empty(0, np.uint64)
@@ -318,12 +404,14 @@ def plan_prompt_table(
     id_hashes: list[np.ndarray] = []  # 8 bytes a row: memory stays flat where a set of ids would not
     remaining = already_done = 0
     current_done = np.zeros(len(done), dtype=bool)  # committed keys the table still produces
+    digests = ShardDigests(rows_per_shard)
     for _, chunk, rows, keys, bad in _resolved_chunks(pf, url, defaults, size_multiple, identity, SCAN_ROWS, control):
         invalid.update(bad)
         found = _positions_in(done, keys)
         current_done[found[found >= 0]] = True
         already_done += int((found >= 0).sum())
         remaining += int((found < 0).sum())
+        digests.add(keys[found < 0])
         if has_ids:
             id_hashes.append(_hash_ids(chunk.column("id")))
     if id_hashes:
@@ -356,13 +444,40 @@ def plan_prompt_table(
         num_rows=pf.metadata.num_rows,
         rows_per_shard=rows_per_shard,
         carried_columns=carried,
-        shards=tuple(Shard(index=first_shard + k, rows=n) for k, n in enumerate(counts)),
+        shards=tuple(Shard(first_shard + k, n, d) for k, (n, d) in enumerate(zip(counts, digests.finish(), strict=True))),
         invalid={pos: (row_id, f"{column} {problem}") for pos, (row_id, (column, problem)) in invalid.items()},
         identity=identity,
+        version=version,
         done_keys=done,
         already_done=already_done,
         stale=int((~current_done).sum()),
     )
+
+
+def shard_digest(keys: np.ndarray) -> str:
+    """A shard's identity: a hash of its rows' keys, in order."""
+    return hashlib.blake2b(np.ascontiguousarray(keys, dtype=np.uint64).tobytes(), digest_size=8).hexdigest()
+
+
+class ShardDigests:
+    """shard_digest of each run of `rows_per_shard` keys of a stream of keys, computed as they pass."""
+
+    def __init__(self, rows_per_shard: int):
+        self.rows_per_shard, self.digests, self.filled = rows_per_shard, [], 0
+        self.hash = hashlib.blake2b(digest_size=8)
+
+    def add(self, keys: np.ndarray) -> None:
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        while len(keys):
+            take = min(self.rows_per_shard - self.filled, len(keys))
+            self.hash.update(keys[:take].tobytes())
+            self.filled, keys = self.filled + take, keys[take:]
+            if self.filled == self.rows_per_shard:
+                self.digests.append(self.hash.hexdigest())
+                self.hash, self.filled = hashlib.blake2b(digest_size=8), 0
+
+    def finish(self) -> list[str]:
+        return self.digests + ([self.hash.hexdigest()] if self.filled else [])
 
 
 def _hash_ids(ids: pa.ChunkedArray) -> np.ndarray:
@@ -386,9 +501,13 @@ def iter_shard_rows(
 ) -> Iterator[tuple[Shard, list[Row], pa.Table, np.ndarray]]:
     """Stream the planned shards: each with its rows, their carried columns and their keys, in table order.
 
-    Cuts the rows not yet done exactly as `plan_prompt_table` counted them.
+    Cuts the rows not yet done exactly as `plan_prompt_table` counted them, and stops (PromptTableError) where the
+    table is not what was planned: another file version, rows that are now invalid, or other rows in a shard.
     """
-    pf = open_prompt_table(plan.url, storage_options)
+    pf, version = _open_versioned(plan.url, storage_options)
+    if plan.version and version != plan.version:
+        was, now = json.loads(plan.version), json.loads(version)
+        raise changed(plan.url, "its " + ", ".join(sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))) + " differ from when it was planned")
     shards = iter(plan.shards)
     pending: list[tuple[list[Row], pa.Table, np.ndarray]] = []
     buffered = 0
@@ -398,24 +517,34 @@ def iter_shard_rows(
         rows = [r for part in pending for r in part[0]]
         carried = pa.concat_tables([part[1] for part in pending])
         keys = np.concatenate([part[2] for part in pending])
-        head = (next(shards), rows[:n], carried.slice(0, n), keys[:n])
+        shard = next(shards, None)
+        if shard is None or (shard.keys_digest and shard_digest(keys[:n]) != shard.keys_digest):
+            raise changed(plan.url, "it holds other rows than were planned" if shard else "it holds more rows than were planned")
+        head = (shard, rows[:n], carried.slice(0, n), keys[:n])
         rest = (rows[n:], carried.slice(n), keys[n:])
         pending, buffered = ([rest] if rest[0] else []), len(rest[0])
         return head
 
     chunk_rows = min(plan.rows_per_shard, SCAN_ROWS)
-    for start, chunk, rows, keys, _ in _resolved_chunks(pf, plan.url, defaults, size_multiple, plan.identity, chunk_rows):
+    for start, chunk, rows, keys, bad in _resolved_chunks(pf, plan.url, defaults, size_multiple, plan.identity, chunk_rows):
+        new_problems = {p: v for p, v in bad.items() if p not in plan.invalid}
+        if new_problems:  # valid when planned: the file changed under its version's stamp
+            raise changed(plan.url, "rows valid when planned are not now: " + _problems(new_problems))
         todo = _positions_in(plan.done_keys, keys) < 0
         rows = [r for r, t in zip(rows, todo) if t]
         if not rows:
             continue
-        carried = chunk.select(list(plan.carried_columns)).take([r.position - start for r in rows])
+        carried = chunk.select(list(plan.carried_columns))
+        if len(rows) < chunk.num_rows:  # a copy only where rows are left out; wide carried columns are costly
+            carried = carried.take([r.position - start for r in rows])
         pending.append((rows, carried, keys[todo]))
         buffered += len(rows)
         while buffered >= plan.rows_per_shard:
             yield flush(plan.rows_per_shard)
     if buffered:
         yield flush(buffered)
+    if next(shards, None) is not None:
+        raise changed(plan.url, "it holds fewer rows than were planned")
 
 
 plan_prompt_table_task = task(plan_prompt_table, name="plan-prompt-table", cache_policy=NO_CACHE, persist_result=False)

@@ -33,14 +33,37 @@ from nodes.params import COLUMNS, SAMPLERS, Row
 ROW_GROUP_ROWS = 64  # rows per Parquet row group: a few MB of 512px PNGs, what `datasets` streams by
 PNG_COMPRESS_LEVEL = 6  # zlib level; PNG is lossless at every level, lower only trades size for speed
 
+# Line breaks as Python's str.splitlines sees them: A1111 splits infotext on "\n" only, other readers on any of these.
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def _json_string(text: str) -> str:
+    """`text` as a JSON string on one line: json.dumps leaves the non-ASCII line breaks as they are."""
+    quoted = json.dumps(text, ensure_ascii=False)
+    return quoted.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
 def _quote(value) -> str:
-    """Quote an infotext value as AUTOMATIC1111 does: JSON string syntax where it holds , : or a newline."""
+    """Quote an infotext value as AUTOMATIC1111 does: JSON string syntax where it holds , : " or a line break."""
     text = str(value)
-    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n\"") else text
+    return _json_string(text) if any(c in text for c in ',:"' + _LINE_BREAKS) else text
+
+
+def _prompt_line(text: str) -> str:
+    """A prompt as one infotext line that A1111's parser gives back whole.
+
+    A1111 writes prompts raw, so a prompt holding a line break could forge a "Negative prompt:" line or the
+    settings line, and its parser strips each line. Such a prompt (and one with outer whitespace, or starting
+    like a negative prompt or a quote) is written as a JSON string instead, the syntax A1111 uses for its own
+    values; a reader that unquotes a prompt starting with `"` gets it back exactly. Other prompts are as A1111 writes them.
+    """
+    plain = text == text.strip() and not text.startswith(('"', "Negative prompt:")) and not any(c in text for c in _LINE_BREAKS)
+    return text if plain else _json_string(text)
 
 
 def infotext(row: Row, scheduler: str, model: str, version: str) -> str:
-    """The row's generation parameters in AUTOMATIC1111's "parameters" format."""
+    """The row's generation parameters in AUTOMATIC1111's "parameters" format: prompt, negative prompt, settings,
+    one line each (see _prompt_line)."""
     known = SAMPLERS.get(scheduler)
     fields = [("Steps", row.steps), ("Sampler", known.a1111 if known else scheduler)]
     if known and known.schedule:
@@ -52,9 +75,9 @@ def infotext(row: Row, scheduler: str, model: str, version: str) -> str:
         ("Model", model),
         ("Version", f"sdflow {version}"),
     ]
-    lines = [row.prompt]
+    lines = [_prompt_line(row.prompt)]
     if row.negative_prompt:
-        lines.append(f"Negative prompt: {row.negative_prompt}")
+        lines.append(f"Negative prompt: {_prompt_line(row.negative_prompt)}")
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields))
     return "\n".join(lines)
 
@@ -74,21 +97,58 @@ def encode_pngs(images, rows: list[Row], scheduler: str, model: str, version: st
     return {r.position: encode_png(pixels[i], infotext(r, scheduler, model, version)) for i, r in enumerate(rows)}
 
 
-def _feature(dtype: pa.DataType) -> dict:
-    """The Hugging Face `datasets` feature for an Arrow type, as its JSON metadata spells it."""
+def loadable_type(dtype: pa.DataType) -> pa.DataType:
+    """The type a carried column is written as: its own, except where `datasets` has no feature for it.
+
+    A map becomes its list of key-value structs and an extension type (JSON, UUID) its storage type: the same
+    values, which every reader loads. Decimals narrower than decimal128 widen to it. Nested types are mapped inside.
+    """
+    if pa.types.is_map(dtype):
+        entries = pa.struct([dtype.key_field, dtype.item_field])
+        return pa.list_(loadable_type(entries))
+    if isinstance(dtype, pa.BaseExtensionType):
+        return loadable_type(dtype.storage_type)
+    if pa.types.is_decimal(dtype) and dtype.bit_width < 128:
+        return pa.decimal128(dtype.precision, dtype.scale)
     if pa.types.is_struct(dtype):
-        return {dtype.field(i).name: _feature(dtype.field(i).type) for i in range(dtype.num_fields)}
+        return pa.struct([f.with_type(loadable_type(f.type)) for f in dtype])
+    if pa.types.is_dictionary(dtype):
+        return pa.dictionary(dtype.index_type, loadable_type(dtype.value_type), dtype.ordered)
+    for is_list, make in ((pa.types.is_list, pa.list_), (pa.types.is_large_list, pa.large_list)):
+        if is_list(dtype):
+            return make(dtype.value_field.with_type(loadable_type(dtype.value_type)))
+    if pa.types.is_fixed_size_list(dtype):
+        return pa.list_(dtype.value_field.with_type(loadable_type(dtype.value_type)), dtype.list_size)
+    return dtype
+
+
+# Value dtypes that `datasets` spells otherwise than str(dtype) (datasets.features.features._arrow_to_datasets_dtype).
+_VALUE_DTYPES = {pa.float16(): "float16", pa.float32(): "float32", pa.float64(): "float64", pa.date32(): "date32", pa.date64(): "date64"}
+
+
+def _feature(dtype: pa.DataType) -> dict:
+    """The Hugging Face `datasets` feature for a (loadable_type) Arrow type, as its JSON metadata spells it.
+
+    Every dtype named here is one `datasets` parses back to the same Arrow type; a dictionary column is declared
+    as its values, which is how `datasets` reads one (pandas still reads it back as a categorical).
+    """
+    if pa.types.is_dictionary(dtype):
+        return _feature(dtype.value_type)
+    if pa.types.is_struct(dtype):
+        return {f.name: _feature(f.type) for f in dtype}
     if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype):
-        feature = {"feature": _feature(dtype.value_type), "_type": "List"}
+        feature = {"feature": _feature(dtype.value_type), "_type": "LargeList" if pa.types.is_large_list(dtype) else "List"}
         if pa.types.is_fixed_size_list(dtype):
             feature["length"] = dtype.list_size
         return feature
-    names = {pa.float16(): "float16", pa.float32(): "float32", pa.float64(): "float64", pa.string(): "string"}
-    return {"dtype": names.get(dtype, str(dtype)), "_type": "Value"}
+    # str(dtype) is what `datasets` parses for every other type: null, bool, (u)int8-64, timestamp[unit, tz=…],
+    # decimal128(p, s), time32/64, duration, (large_)string, (large_)binary, fixed_size_binary[n], the views.
+    name = _VALUE_DTYPES.get(dtype, str(dtype))
+    return {"dtype": name, "_type": "Value"}
 
 
 def huggingface_metadata(schema: pa.Schema) -> dict[bytes, bytes]:
-    """Schema metadata that makes `datasets` decode the `image` column as PIL images."""
+    """Schema metadata that makes `datasets` decode the `image` column as PIL images, and read every other column."""
     features = {f.name: ({"_type": "Image"} if f.name == "image" else _feature(f.type)) for f in schema}
     return {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
 
@@ -106,8 +166,9 @@ def shard_table(rows: list[Row], pngs: dict[int, bytes], carried: pa.Table, sche
             columns[column.name] = pa.array(values, column.written)
     columns["scheduler"] = pa.array([scheduler] * len(rows), pa.string())
     columns["model"] = pa.array([model] * len(rows), pa.string())
-    for name in carried.column_names:
-        columns[name] = carried.column(name)
+    for field in carried.schema:  # as the table holds them, where every reader can load that (loadable_type)
+        written = loadable_type(field.type)
+        columns[field.name] = carried.column(field.name) if written == field.type else carried.column(field.name).cast(written)
     table = pa.table(columns)
     return table.replace_schema_metadata(huggingface_metadata(table.schema))
 
