@@ -15,7 +15,6 @@ Two attempts of one shard can at worst both generate it: the commit protocol kee
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import time
@@ -23,7 +22,6 @@ from collections import deque
 from dataclasses import dataclass, replace
 from uuid import UUID, uuid4
 
-import numpy as np
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
 from prefect.context import FlowRunContext, serialize_context
@@ -33,7 +31,7 @@ from prefect.task_worker import store_parameters
 from prefect.utilities.asyncutils import run_coro_as_sync
 
 from flows.worker import POOL_PREFIX, ShardRequest, _slug, shard_task
-from nodes.dataset.ingest import PromptPlan, Shard, iter_shard_rows
+from nodes.dataset.ingest import PromptPlan, Shard, iter_shard_rows, shard_digest  # a shard's identity: its rows
 from nodes.errors import SdflowError
 from nodes.params import GenerationDefaults, RunConfig
 from nodes.pipeline.components import ModelInfo
@@ -64,11 +62,6 @@ class Attempt:
     task_run_id: UUID
     request: ShardRequest
     worker: str  # the worker it was given to
-
-
-def shard_digest(keys: np.ndarray) -> str:
-    """A shard's identity for idempotency: its rows (their keys), not its index, which a re-plan may change."""
-    return hashlib.blake2b(np.ascontiguousarray(keys, dtype=np.uint64).tobytes(), digest_size=8).hexdigest()
 
 
 def _shard_runs(client, flow_run_id: UUID) -> list:
