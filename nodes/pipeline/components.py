@@ -173,6 +173,50 @@ def _local_model_dir(ref: str, storage_options: dict | None) -> Path | None:
     path = Path(ref.removeprefix("file://")).expanduser()
     if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         return path
+    return _cached_hub_snapshot(ref)
+
+
+HUB_PROBE_SECONDS = 5  # how long a hub id may wait for the hub to answer before it counts as unreachable
+
+
+def _cached_hub_snapshot(ref: str) -> Path | None:
+    """A hub id: its snapshot in the local Hugging Face cache (so it loads offline), or None to load it from the
+    hub as diffusers does. Without a reachable hub, a ModelError within seconds, instead of a "missing file"
+    after huggingface_hub's retries (25 s with no DNS, minutes behind a network that never answers)."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(huggingface_hub.snapshot_download(ref, local_files_only=True))
+        if (snapshot / "model_index.json").is_file():
+            return snapshot
+    except (LocalEntryNotFoundError, ValueError, OSError):  # not cached (or not a repo id at all)
+        pass
+    from huggingface_hub import constants
+
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _hub_unreachable(constants.ENDPOINT)
+    if why:
+        raise ModelError(
+            f"model {ref} is a Hugging Face hub id that is not in the local cache ({constants.HF_HUB_CACHE}), and the "
+            f"hub cannot be used: {why}. Point --model at a local diffusers folder, or at a copy on your own store "
+            "(s3://...), or download it once where the network allows (huggingface-cli download "
+            f"{ref}) into the cache this machine reads (HF_HOME / HF_HUB_CACHE)."
+        )
+    return None
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why the hub at `endpoint` does not answer within HUB_PROBE_SECONDS (through the environment's proxies), or None."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{endpoint}/api/whoami-v2", timeout=HUB_PROBE_SECONDS).close()
+    except urllib.error.HTTPError:  # it answered (401 without a token): reachable
+        return None
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return f"{endpoint} did not answer within {HUB_PROBE_SECONDS} s ({type(reason).__name__}: {reason})"
     return None
 
 
