@@ -43,7 +43,7 @@ def check_inputs(p: dict) -> Job:
     if p["batch_size"] < 1 or p["shard_size"] < 1 or p["batches_in_flight"] < 1:
         raise SdflowError("--batch-size, --shard-size and batches in flight must be at least 1.")
     storage_options = storage_options_from_env()
-    info = inspect_model(p["model"], storage_options)
+    info = inspect_model(p["model"], storage_options, p["vae"])
     defaults = resolve_defaults(
         info, p["steps"], p["guidance"], p["width"], p["height"], p["negative_prompt"], p["seed"], p["guidance_rescale"]
     )
@@ -89,6 +89,7 @@ def generate_dataset(
     prompts: str,
     out: str,
     model: str | None = None,
+    vae: str | None = None,
     scheduler: str | None = None,
     steps: int | None = None,
     guidance: float | None = None,
@@ -127,7 +128,7 @@ def generate_dataset(
     report = ShardReport(plan, job.fs, job.root)
     load_seconds, generation_started = 0.0, time.time()
     if plan.shards and pool:
-        fan_out(shard_requests(plan, job.defaults, job.info, job.run, out, model, dtype), pool, report.committed)
+        fan_out(shard_requests(plan, job.defaults, job.info, job.run, out, model, vae, dtype), pool, report.committed)
     elif plan.shards:
         components = load_components_task(job.info, job.device, job.dtype, allow_pickle)
         load_seconds, generation_started = components.load_seconds, time.time()

@@ -62,6 +62,7 @@ class ShardRequest:
     rows: list[Row]
     carried: pa.Table  # input columns carried through to the output
     keys: np.ndarray  # row keys, uint64
+    vae: str | None = None  # a separate VAE as given (--vae); each worker resolves it
 
 
 def run_shard(request: ShardRequest) -> dict:
@@ -80,7 +81,7 @@ def run_shard(request: ShardRequest) -> dict:
         f"{int(k):016x}" for k in request.keys
     ):
         return {**committed, "outcome": "already committed"}
-    info = inspect_model(request.model, storage_options)
+    info = inspect_model(request.model, storage_options, request.vae)
     if info.fingerprint != request.fingerprint:
         raise ModelError(
             f"model {info.ref} on worker {worker} is not the parent's (content fingerprint {info.fingerprint} vs "

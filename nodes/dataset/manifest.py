@@ -58,6 +58,7 @@ def build_manifest(
             "guidance_rescale": defaults.guidance_rescale,
             "model": info.ref,
             "family": info.family,
+            "vae": info.vae,
             "model_fingerprint": info.fingerprint,
             "device": device,
             "dtype": dtype,

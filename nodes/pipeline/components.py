@@ -61,6 +61,7 @@ class ModelInfo:
     default_negative_prompt: str
     scheduler_config: dict = field(hash=False, compare=False)
     force_zeros_for_empty_prompt: bool = False  # the pipeline's config: an empty negative prompt is zeros (SDXL)
+    vae: str | None = None  # a separate VAE (folder or single file) in place of the model's own; in the fingerprint
 
 
 @dataclass
@@ -303,6 +304,12 @@ def model_fingerprint(local: Path | None, family: ModelFamily, source: str, conf
         for p in ([local / top] if (local / top).is_file() else sorted((local / top).rglob("*")))
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(local).parts)
     )
+    _hash_files(digest, paths)
+    return digest.hexdigest()[:16]
+
+
+def _hash_files(digest, paths: list[tuple[str, Path]]) -> None:
+    """Add each (name, file)'s sha256 to `digest`, from the cache by file identity where it is current."""
     with _hash_lock:
         cache, changed = _read_hash_cache(), False
         for name, path in paths:
@@ -318,7 +325,6 @@ def model_fingerprint(local: Path | None, family: ModelFamily, source: str, conf
             digest.update(f"{name}\0{entry[3]}\n".encode())
         if changed:
             _write_hash_cache(cache)
-    return digest.hexdigest()[:16]
 
 
 def _sha256_file(path: Path) -> str:
@@ -347,8 +353,12 @@ def _write_hash_cache(cache: dict[str, list]) -> None:
         log.warning("cannot write the model hash cache %s (%s); model files are hashed again next run", path, e)
 
 
-def inspect_model(ref: str | None = None, storage_options: dict | None = None) -> ModelInfo:
-    """Read a model's configs (no weights) and its generation defaults from its optional `sdflow.json`."""
+def inspect_model(ref: str | None = None, storage_options: dict | None = None, vae: str | None = None) -> ModelInfo:
+    """Read a model's configs (no weights) and its generation defaults from its optional `sdflow.json`.
+
+    `vae`: a separate VAE to decode with, a diffusers folder (config.json and weights) or a single safetensors
+    file of the model's own VAE architecture (original or diffusers layout, e.g. an fp16-safe SDXL VAE).
+    """
     ref = ref or DEFAULT_MODEL
     local = _local_model_dir(ref, storage_options)
     source = str(local) if local is not None else ref
@@ -356,9 +366,10 @@ def inspect_model(ref: str | None = None, storage_options: dict | None = None) -
         raise ModelError(f"model folder {ref} does not exist (or is not a folder).")
     configs = {name: _read_json(source, local, name) for name in COMPONENT_FILES}
     family = family_of(configs["model_index.json"], ref)
-    unet, vae = configs["unet/config.json"], configs["vae/config.json"]
-    check_text_to_image(unet, vae, ref)
-    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    unet = configs["unet/config.json"]
+    vae_path, vae_config = separate_vae(vae, configs["vae/config.json"])
+    check_text_to_image(unet, vae_config, ref)
+    vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
     defaults = {}
     if local is not None and (local / "sdflow.json").exists():
         defaults = _read_json(source, local, "sdflow.json")
@@ -368,7 +379,7 @@ def inspect_model(ref: str | None = None, storage_options: dict | None = None) -
         ref=ref,
         source=source,
         family=family.name,
-        fingerprint=model_fingerprint(local, family, source, configs),
+        fingerprint=with_vae(model_fingerprint(local, family, source, configs), vae_path),
         vae_scale_factor=vae_scale,
         # diffusers' pipelines require multiples of 8; the VAE needs its own factor too.
         size_multiple=max(8, vae_scale),
@@ -379,7 +390,35 @@ def inspect_model(ref: str | None = None, storage_options: dict | None = None) -
         default_negative_prompt=str(defaults.get("negative_prompt", "")),
         scheduler_config=configs["scheduler/scheduler_config.json"],
         force_zeros_for_empty_prompt=bool(configs["model_index.json"].get("force_zeros_for_empty_prompt", False)),
+        vae=None if vae_path is None else str(vae_path),
     )
+
+
+def separate_vae(vae: str | None, model_vae_config: dict) -> tuple[Path | None, dict]:
+    """The separate VAE's path and config (a single file has the model's own VAE architecture), or the model's."""
+    if vae is None:
+        return None, model_vae_config
+    path = Path(vae).expanduser()
+    if path.is_dir():
+        try:
+            return path, json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ModelError(f"--vae {vae}: a VAE folder needs the config.json of an AutoencoderKL ({e}).") from None
+    if path.is_file() and path.suffix == ".safetensors":
+        return path, model_vae_config
+    raise ModelError(
+        f"--vae {vae} is neither a diffusers VAE folder (config.json and weights) nor a .safetensors file."
+    )
+
+
+def with_vae(fingerprint: str, vae: Path | None) -> str:
+    """The model's fingerprint, extended by the separate VAE's content: another VAE makes other images."""
+    if vae is None:
+        return fingerprint
+    digest = hashlib.sha256(fingerprint.encode())
+    files = sorted(vae.rglob("*")) if vae.is_dir() else [vae]
+    _hash_files(digest, [(f"vae/{p.relative_to(vae).as_posix() if vae.is_dir() else p.name}", p) for p in files if p.is_file()])
+    return digest.hexdigest()[:16]
 
 
 _loaded: dict[tuple[str, str, str, torch.dtype], Components] = {}
@@ -434,7 +473,10 @@ def load_components(
                     modules[name] = cls.from_pretrained(info.source, subfolder=name)
                     continue
                 dtype_argument = {"dtype" if library == "transformers" else "torch_dtype": dtype}
-                module = cls.from_pretrained(info.source, subfolder=name, **dtype_argument, **kwargs)
+                if name == "vae" and info.vae:
+                    module = load_separate_vae(cls, info, dtype_argument, kwargs)
+                else:
+                    module = cls.from_pretrained(info.source, subfolder=name, **dtype_argument, **kwargs)
                 modules[name] = module.to(device).eval().requires_grad_(False)
         except (OSError, ValueError) as e:
             hint = ""
@@ -450,6 +492,13 @@ def load_components(
         _load_count[0] += 1
         log.info("loaded %s on %s as %s in %.1f s", info.ref, device, dtype, components.load_seconds)
         return components
+
+
+def load_separate_vae(cls, info: ModelInfo, dtype_argument: dict, kwargs: dict):
+    """`--vae`: a folder as diffusers saves one, or a single file read with the model's own VAE config (offline)."""
+    if Path(info.vae).is_dir():
+        return cls.from_pretrained(info.vae, **dtype_argument, **kwargs)
+    return cls.from_single_file(info.vae, config=info.source, subfolder="vae", local_files_only=True, **dtype_argument)
 
 
 load_components_task = task(load_components, name="load-model", cache_policy=NO_CACHE, persist_result=False)
