@@ -50,13 +50,13 @@ class ShardReport:
         create_table_artifact(table, key="sdflow-shard-table", description=f"{len(table)} shards committed by this run")
 
 
-def publish_contact_sheet(fs, path: str, sheet: Image.Image, key: str, header: str) -> None:
+def publish_contact_sheet(fs, path: str, sheet: Image.Image, key: str, header: str, description: str) -> None:
     """Write the contact sheet to `path` and publish it, embedded, in a markdown artifact under `header`."""
     data = png_bytes(sheet)
     write_file(fs, path, data)
     embedded = base64.b64encode(data).decode()
     markdown = f"{header}\n![contact sheet](data:image/png;base64,{embedded})\n\nFull size: `{fs.unstrip_protocol(path)}`\n"
-    create_markdown_artifact(markdown, key=key, description="contact sheet")
+    create_markdown_artifact(markdown, key=key, description=description)
 
 
 def status_line(worker: str, device, done: int, total: int, seconds: float, failed: int = 0) -> str:

@@ -94,6 +94,7 @@ def evaluate_dataset(out: str, model: str | None = None, sheet_rows: int = SHEET
     publish_contact_sheet(
         fs, f"{root}/{EVALUATION}/contact_sheet.png", contact_sheet(**sheet), "sdflow-evaluation-sheet",
         f"# Evaluation of {out}\n\n{summary_markdown(summary)}\nGreen frame: the judge read every attribute the prompt asks for.\n",
+        f"the first {len(sheet['images'])} images framed by the judge's verdict, with the summary",
     )
     create_table_artifact(summary, key="sdflow-evaluation", description=f"judge accuracy and CLIP score, {len(scores)} rows of {out}")
     return result

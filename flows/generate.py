@@ -78,7 +78,8 @@ def finalize(job: Job, parameters: dict, plan: PromptPlan, written: list[dict], 
         images, captions = first_images(job.fs, job.root, committed.markers, SHEET_ROWS)
         header = f"# {parameters['out']}\n\n{manifest['rows']['in_dataset']} images; the first {len(images)}:\n"
         sheet = contact_sheet(images, captions)
-        publish_contact_sheet(job.fs, f"{job.root}/{CONTACT_SHEET}", sheet, "sdflow-contact-sheet", header)
+        description = f"the dataset's first {len(images)} images and their prompts"
+        publish_contact_sheet(job.fs, f"{job.root}/{CONTACT_SHEET}", sheet, "sdflow-contact-sheet", header, description)
         manifest["contact_sheet"] = CONTACT_SHEET
     write_manifest(job.fs, job.root, manifest)
     return manifest

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 from collections import deque
 
 from tqdm.auto import tqdm
@@ -12,6 +15,7 @@ from nodes.dataset.manifest import package_version, software_versions
 from nodes.dataset.store import encode_pngs_task
 from nodes.params import GenerationDefaults, RunConfig
 from nodes.pipeline.batch import Stages, generate_shard_images
+from nodes.pipeline.components import model_loads
 from nodes.pipeline.decode import decode_latents_task
 from nodes.pipeline.denoise import denoise_task
 from nodes.pipeline.encode import encode_prompts_task
@@ -26,6 +30,18 @@ def png_encoder(components, run: RunConfig):
     release = package_version("sdflow")
     model = components.info.ref
     return lambda rows, images: encode_pngs_task.submit(images, rows, run.sampler, model, release)
+
+
+def worker_id() -> str:
+    """This process's name: in the shard table, and in the server's list of live task workers (Prefect's TaskWorker.client_id)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def shard_stats(started: float, rows: int) -> dict:
+    """What the shard table shows of a shard made here: who made it, in how long, how fast, after how many loads."""
+    seconds = time.perf_counter() - started
+    return {"worker": worker_id(), "model_loads": model_loads(), "seconds": round(seconds, 3),
+            "images_per_second": round(rows / seconds, 3) if seconds > 0 else None}
 
 
 def marker_extra(run: RunConfig, device) -> dict:
@@ -47,12 +63,14 @@ def generate_shards(
     encoding = deque()
     writing = deque()
     for shard, rows, carried, keys in iter_shard_rows(plan, defaults, info.size_multiple, run.storage_options):
+        started = time.perf_counter()
         pngs, failed = generate_shard_images(
             components, rows, run, encode_images, encoding, lambda batch, failed: bar.update(len(batch)), stages=TASK_STAGES
         )
         failures = shard_failures(rows, keys, failed)
+        stats = {**extra, **shard_stats(started, len(rows))}
         writing.append(
-            write_shard_task.submit(fs, root, shard.index, rows, keys, pngs, carried, run.sampler, info.ref, failures, extra)
+            write_shard_task.submit(fs, root, shard.index, rows, keys, pngs, carried, run.sampler, info.ref, failures, stats)
         )
         while len(writing) > 1:
             on_committed(writing.popleft().result())

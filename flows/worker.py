@@ -25,23 +25,18 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
 from flows.artifacts import status_line
-from flows.shards import TASK_STAGES, marker_extra, png_encoder
+from flows.shards import TASK_STAGES, marker_extra, png_encoder, shard_stats, worker_id
 from nodes.dataset.commit import read_marker, shard_failures, write_shard
 from nodes.dataset.ingest import Shard
 from nodes.dataset.store import open_output, storage_options_from_env
 from nodes.errors import ModelError
 from nodes.params import Row, RunConfig
 from nodes.pipeline.batch import generate_shard_images
-from nodes.pipeline.components import inspect_model, load_components, model_loads, resolve_device, resolve_dtype
+from nodes.pipeline.components import inspect_model, load_components, resolve_device, resolve_dtype
 
 POOL_PREFIX = "generate_shard__"  # task keys: generate_shard__POOL__WORKER-codehash
 DEVICE_ENV = "SDFLOW_DEVICE"  # the device a worker generates on: cpu, cuda, cuda:N
 DEVICE_LEASE_S = 60  # how long a dead worker's device slot stays taken
-
-
-def worker_id() -> str:
-    """This process's name in the server's list of live task workers (Prefect's TaskWorker.client_id)."""
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def device_limit_name(device) -> str:
@@ -106,14 +101,7 @@ def run_shard(request: ShardRequest) -> dict:
     pngs, failed = generate_shard_images(
         components, request.rows, run, png_encoder(components, run), deque(), on_batch, device_slot, TASK_STAGES
     )
-    seconds = time.perf_counter() - started
-    extra = {
-        **marker_extra(run, device),
-        "worker": worker,
-        "model_loads": model_loads(),
-        "seconds": round(seconds, 3),
-        "images_per_second": round(total / seconds, 3),
-    }
+    extra = {**marker_extra(run, device), **shard_stats(started, total)}
     rows, keys = request.rows, request.keys
     return write_shard(
         fs, root, request.shard.index, rows, keys, [p.result() for p in pngs], request.carried, run.sampler,

@@ -46,7 +46,8 @@ def retry_transient(task, task_run, state) -> bool:
 
 # Retries for I/O tasks: a bounded number of tries, for transient faults only. The generation stages do not
 # retry on their own: their per-row generators advance as they run, so a batch is retried whole from its seeds.
-TASK_RETRIES = {"retries": 2, "retry_delay_seconds": [1, 10], "retry_condition_fn": retry_transient}
+# One delay, not a list: Prefect's UI shows a list of delays as "NaNs".
+TASK_RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": retry_transient}
 
 
 class RunError(Exception):

@@ -132,7 +132,7 @@ def test_generate_then_evaluate_with_the_embedded_model(prefect_api, tmp_path, c
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    keys = ["sdflow-contact-sheet", "sdflow-evaluation", "sdflow-evaluation-sheet"]
+    keys = ["sdflow-contact-sheet", "sdflow-evaluation", "sdflow-evaluation-sheet", "sdflow-shard-table"]
     with get_client(sync_client=True) as client:
         artifacts = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
     found = {a.key: a for a in artifacts}
@@ -140,6 +140,10 @@ def test_generate_then_evaluate_with_the_embedded_model(prefect_api, tmp_path, c
     assert "data:image/png;base64," in found["sdflow-contact-sheet"].data
     assert "| all | 24 |" in found["sdflow-evaluation-sheet"].data
     assert {row["split"] for row in json.loads(found["sdflow-evaluation"].data)} >= {"seen", "held-out", "all"}
+    assert found["sdflow-contact-sheet"].description != found["sdflow-evaluation-sheet"].description
+    # A run on one machine fills the shard table as pool workers do: who, how long, how fast, after how many loads.
+    [shard] = json.loads(found["sdflow-shard-table"].data)
+    assert shard["worker"] and shard["seconds"] > 0 and shard["images_per_second"] > 0 and shard["model_loads"] >= 1
     embedded = found["sdflow-evaluation-sheet"].data.split("base64,")[1].split(")")[0]
     assert Image.open(io.BytesIO(base64.b64decode(embedded))).size == sheet.size
 
