@@ -53,6 +53,8 @@ def generate_batch(components, scheduler: str | None, rows: list[Row], failed: d
     except SdflowError:
         raise
     except Exception as e:
+        if interrupt := interrupt_behind(e):
+            raise interrupt  # a stop signal, not the rows: Prefect failed while handling it (e.g. "Task run is not set")
         if len(rows) == 1:
             failed[rows[0].position] = f"{type(e).__name__}: {e}"
             log.warning("row %r failed: %s", rows[0].id, failed[rows[0].position])
@@ -72,6 +74,18 @@ def generate_batch(components, scheduler: str | None, rows: list[Row], failed: d
     keep = [i for i in range(len(rows)) if i not in decoded.non_finite]
     if keep:
         yield [rows[i] for i in keep], decoded.images[keep]
+
+
+def interrupt_behind(error: BaseException) -> BaseException | None:
+    """The interrupt (KeyboardInterrupt, Prefect's TerminationSignal: a BaseException, not an Exception) that
+    `error` was raised while handling, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if not isinstance(error, Exception):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def make_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:
