@@ -11,6 +11,7 @@ import signal
 import sys
 import textwrap
 import threading
+import warnings
 from contextlib import nullcontext
 from importlib.resources import files
 
@@ -120,6 +121,9 @@ def configure_logging(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
         os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
+    # Prefect warns at import when it cannot make PREFECT_HOME, in two raw lines; sdflow's own error says it in
+    # one paragraph, with the fix, when the temporary server needs it.
+    warnings.filterwarnings("ignore", message="Failed to create the Prefect home")
     log = logging.getLogger("sdflow")
     for old in [h for h in log.handlers if getattr(h, "sdflow_cli", False)]:
         log.removeHandler(old)  # bound to an earlier sys.stderr (in-process callers)
