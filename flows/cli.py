@@ -6,13 +6,68 @@ import argparse
 import atexit
 import logging
 import os
+import re
+import signal
 import sys
 import textwrap
+import threading
+import warnings
 from contextlib import nullcontext
 from importlib.resources import files
 
 EXIT_INPUT = 2  # the user can fix the input; the message says what is wrong
 EXIT_BUG = 1  # anything else
+
+# The signals that stop a run in order: Ctrl-C, kill/Docker/Kubernetes/SLURM, a closed terminal. Exit 128 + N.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# C0 and C1 controls (ESC starts terminal sequences) and bidirectional overrides: printed escaped, since table
+# text (column names, ids, paths) reaches messages and must not drive or disguise the terminal.
+CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal arrived: raised in the main thread, so the run unwinds as after Ctrl-C and never records it as a row failure."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_stopped(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+def stop_on_signals() -> dict:
+    """Make the stop signals raise Stopped in the main thread; returns the handlers they replace."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # an in-process caller on another thread: signals are its own business
+    return {s: signal.signal(s, raise_stopped) for s in STOP_SIGNALS}
+
+
+def stopping_signal(error: BaseException) -> int | None:
+    """The signal behind `error`: ours, Prefect's TerminationSignal (its SIGTERM handler during a flow), or an error
+    that Prefect raised while handling either; None if no signal is behind it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, Stopped):
+            return error.signum
+        if isinstance(error, KeyboardInterrupt):
+            return signal.SIGINT
+        if type(error).__name__ == "TerminationSignal":
+            return getattr(error, "signal", signal.SIGTERM)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped (ESC as \\x1b): safe to print, still readable."""
+    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+class PrintableFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def example_prompts() -> str:
@@ -66,11 +121,14 @@ def configure_logging(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
         os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
+    # Prefect warns at import when it cannot make PREFECT_HOME, in two raw lines; sdflow's own error says it in
+    # one paragraph, with the fix, when the temporary server needs it.
+    warnings.filterwarnings("ignore", message="Failed to create the Prefect home")
     log = logging.getLogger("sdflow")
     for old in [h for h in log.handlers if getattr(h, "sdflow_cli", False)]:
         log.removeHandler(old)  # bound to an earlier sys.stderr (in-process callers)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("sdflow: %(levelname)s: %(message)s"))
+    handler.setFormatter(PrintableFormatter("sdflow: %(levelname)s: %(message)s"))
     handler.sdflow_cli = True
     log.addHandler(handler)
     log.setLevel(logging.INFO if verbose else logging.WARNING)
@@ -124,22 +182,25 @@ def serve_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def fail(message: str, code: int) -> int:
-    text = textwrap.fill(
-        f"sdflow: error: {message}",
+def fail_text(message: str) -> str:
+    return textwrap.fill(
+        printable(f"sdflow: error: {message}"),
         width=100,
         subsequent_indent="  ",
         break_on_hyphens=False,  # URLs and paths stay whole, to be copied from the terminal
         break_long_words=False,
     )
-    print(text, file=sys.stderr)
+
+
+def fail(message: str, code: int) -> int:
+    print(fail_text(message), file=sys.stderr)
     return code
 
 
 def summary(manifest: dict, out: str) -> str:
     rows, timings = manifest["rows"], manifest["timings"]
     text = (
-        f"sdflow: wrote {rows['generated']} images in {len(manifest['shards'])} shard(s) to {out} "
+        f"sdflow: wrote {rows['generated']} images in {len(manifest['shards_written'])} shard(s) to {out} "
         f"in {timings['seconds']:.1f} s ({timings['images_per_second']:.2f} images/s while generating, "
         f"model loaded in {timings['model_load_seconds']:.1f} s)."
     )
@@ -169,11 +230,58 @@ def evaluation_summary(result: dict, out: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     environment = dict(os.environ)
+    handlers = stop_on_signals()
     try:
         return run(build_parser().parse_args(argv))
-    finally:  # in-process callers get their environment back (the settings below are for this run only)
+    finally:  # in-process callers get their environment and signal handlers back (these are for this run only)
         os.environ.clear()
         os.environ.update(environment)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+_as_command = False  # set by entry(): this process is the `sdflow` command, not an in-process caller
+_lost: list[str] = []  # why this run's temporary server is gone, when it died under the run
+
+
+def server_lost(message: str) -> None:
+    """The temporary server died mid-run (called from the thread that watches it): stop the run now, in one paragraph.
+
+    As the command, exit at once: every Prefect call would now retry a refused connection for about a minute
+    (it retries once it has connected), each failing task run a row, and the commit protocol makes a hard stop
+    as safe as a SIGKILL: a shard without its marker is redone by the rerun. In process, interrupt the run.
+    """
+    _lost.append(message)
+    if _as_command:
+        os.write(2, (fail_text(message) + "\n").encode())
+        os._exit(EXIT_BUG)
+    import _thread
+
+    _thread.interrupt_main()
+
+
+def check_obvious_inputs(args: argparse.Namespace) -> None:
+    """What can be found wrong in milliseconds, before a server starts or torch loads: local paths and names.
+
+    The flow checks everything again, fully; this only spares a user the seconds of start-up for a typo.
+    """
+    from nodes.errors import SdflowError
+
+    local = lambda ref: "://" not in ref or ref.startswith("file://")  # noqa: E731
+    if args.command == "generate":
+        path = args.prompts.removeprefix("file://")
+        if args.prompts != "example" and local(args.prompts) and not os.path.exists(os.path.expanduser(path)):
+            raise SdflowError(f"prompt table {args.prompts} does not exist.")
+        if args.scheduler is not None:
+            from nodes.params import SAMPLERS  # the one table of names (pyarrow: only when asked)
+
+            if args.scheduler not in SAMPLERS:
+                raise SdflowError(f"--scheduler {args.scheduler!r} is not one of: {', '.join(SAMPLERS)}.")
+    model = args.model or ""
+    # As the flow reads a model reference: a path when it starts like one or is not of the hub's "org/name" form.
+    if model and local(model) and (model.startswith((".", "/", "~", "file://")) or model.count("/") != 1):
+        if not os.path.isdir(os.path.expanduser(model.removeprefix("file://"))) and ":" not in model:
+            raise SdflowError(f"model folder {model} does not exist (or is not a folder).")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -184,11 +292,24 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "worker":
         return serve_worker(args)
-    quiet = QuietConsole() if not args.verbose else None
-    from flows.server import start_temporary_server
-
-    server = start_temporary_server()
+    quiet = None
+    _lost.clear()
     try:
+        check_obvious_inputs(args)
+        from prefect.settings import PREFECT_API_URL
+
+        if args.command == "generate" and args.pool and not PREFECT_API_URL.value():
+            raise SdflowError(
+                "--pool needs a Prefect server that the pool's workers also reach: set PREFECT_API_URL (e.g."
+                " http://127.0.0.1:4200/api, from `prefect server start`). Without it, this run's temporary server"
+                " is out of every worker's reach."
+            )
+        quiet = QuietConsole() if not args.verbose else None
+        from flows.server import start_temporary_server
+
+        server = start_temporary_server()
+        if server:  # it cannot be waited for: stop the run now, with what it said
+            server.on_lost = server_lost
         with server.settings() if server else nullcontext():
             if args.command == "evaluate":
                 from flows.evaluate import evaluate_dataset
@@ -199,20 +320,23 @@ def run(args: argparse.Namespace) -> int:
                 message = evaluation_summary(result, args.out)
             else:
                 message = summary(generate(args, server), args.out)
-    except SdflowError as e:
-        if args.verbose:
+    except BaseException as e:
+        if _lost:
+            return fail(_lost.pop(), EXIT_BUG)
+        signum = stopping_signal(e)
+        if signum:  # a shard under way is not committed: the rerun makes it, and only it
+            name = signal.Signals(signum).name
+            return fail(f"stopped by {name}; the shards committed so far are kept: rerun to finish.", 128 + signum)
+        if args.verbose or not isinstance(e, Exception):
             raise
-        return fail(str(e), EXIT_INPUT)
-    except KeyboardInterrupt:
-        return fail("interrupted.", 130)
-    except Exception as e:  # a bug or an environment failure: say what, and how to see more
-        if args.verbose:
-            raise
+        if isinstance(e, SdflowError):
+            return fail(str(e), EXIT_INPUT)
+        # a bug or an environment failure: say what, and how to see more
         return fail(f"{type(e).__name__}: {e} (run with --verbose for the traceback).", EXIT_BUG)
     finally:
         if quiet:
             quiet.close()
-    print(message, file=sys.stderr)
+    print(printable(message), file=sys.stderr)
     return 0
 
 
@@ -254,7 +378,13 @@ def entry() -> None:
     exit handlers (flushing logs and events, stopping its temporary server) run here first. So exit
     without the teardown.
     """
+    global _as_command
+    _as_command = True
     code = main()
+    # The run has ended (stopped or not): a further Ctrl-C must not cut the exit handlers short (the temporary
+    # server's stop among them), nor print a traceback from them; they take a few seconds at most.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -204,3 +204,98 @@ def test_summary_says_what_a_rerun_did(prefect_api, tiny_model, tmp_path, capsys
     code, err = run_cli(capsys, table, out, "--model", tiny_model, "--steps", "2")
     assert code == 0 and "wrote 3 images" in err
     assert "3 row(s) from earlier runs with other parameters or another model stay in the dataset" in " ".join(err.split())
+
+
+def test_summary_counts_only_the_shards_this_run_wrote(prefect_api, tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = write_table(tmp_path / "t.parquet", GOOD)
+    assert run_cli(capsys, first, out, "--model", tiny_model, "--steps", "1", "--shard-size", "1")[0] == 0
+    grown = write_table(tmp_path / "t2.parquet", GOOD + [{"id": 3, "prompt": "a blue star"}])
+    code, err = run_cli(capsys, grown, out, "--model", tiny_model, "--steps", "1", "--shard-size", "1")
+    assert code == 0, err
+    assert "wrote 1 images in 1 shard(s)" in err, err  # the dataset holds 4 shards; this run wrote one
+
+
+def own_server_env(home: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra)
+    return env
+
+
+@pytest.mark.parametrize(
+    "args, phrase",
+    [
+        (["missing.parquet", "out"], "prompt table missing.parquet does not exist"),
+        (["t.parquet", "out", "--scheduler", "karras9000"], "--scheduler 'karras9000' is not one of"),
+        (["t.parquet", "out", "--model", "./no-such-model"], "model folder ./no-such-model does not exist"),
+        (["t.parquet", "out", "--pool", "gpus"], "--pool needs a Prefect server that the pool's workers also reach"),
+    ],
+    ids=["missing-table", "unknown-scheduler", "missing-model", "pool-without-api-url"],
+)
+def test_input_errors_are_reported_before_and_without_the_server(tmp_path, args, phrase):
+    write_table(tmp_path / "t.parquet", GOOD)
+    home = tmp_path / "prefect-home"
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "generate", *args], cwd=tmp_path, env=own_server_env(home),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("sdflow: error: ") and "Traceback" not in done.stderr
+    assert phrase in " ".join(done.stderr.split())
+    assert not (home / "prefect.db").exists(), "the temporary server was started"
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_prefect_home_is_named(tmp_path):
+    if os.geteuid() == 0:
+        home = Path("/proc/sdflow-home")  # root writes anywhere a mode allows: /proc refuses it too
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        home = locked / "home"
+    table = write_table(tmp_path / "t.parquet", GOOD)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "generate", table, str(tmp_path / "out")],
+        env=own_server_env(home), capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("sdflow: error: ") and "Traceback" not in done.stderr
+    assert "PREFECT_HOME" in done.stderr and str(home) in done.stderr
+
+
+def test_slow_server_start_names_the_setting(tiny_model, tmp_path):
+    from flows.server import STARTUP_TIMEOUT
+
+    assert STARTUP_TIMEOUT >= 60  # Prefect's 20 s was measured too short on a busy machine
+    table = write_table(tmp_path / "t.parquet", GOOD)
+    home = tmp_path / "prefect-home"
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "generate", table, str(tmp_path / "out"), "--model", tiny_model],
+        env=own_server_env(home, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1"),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    text = " ".join(done.stderr.split())
+    assert "did not answer within 1 s" in text and "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in text
+    assert "Traceback" not in done.stderr
+    assert processes_with_env(f"PREFECT_HOME={home}") == []
+
+
+def test_storage_options_never_reach_the_temporary_server(tiny_model, tmp_path):
+    home = tmp_path / "prefect-home"
+    table = write_table(tmp_path / "t.parquet", GOOD)
+    secret = "sdflow-test-secret-7f3a"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "generate", table, str(tmp_path / "out"), "--model", tiny_model,
+         "--storage-options", json.dumps({"secret_key": secret})],
+        env=own_server_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    environs = []
+    while process.poll() is None and not environs:
+        for pid in processes_with_env(f"PREFECT_HOME={home}"):
+            if pid != process.pid:
+                environs.append(Path(f"/proc/{pid}/environ").read_bytes())
+    err = process.communicate(timeout=300)[1]
+    assert process.returncode == 0, err
+    assert environs, "the server was not seen"
+    assert secret.encode() not in environs[0] and b"SDFLOW_STORAGE_OPTIONS" not in environs[0]

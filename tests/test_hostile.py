@@ -404,3 +404,19 @@ def test_decimal_parameter_columns_are_accepted(prefect_api, tiny_model, tmp_pat
     assert data.column("seed").to_pylist()[::2] == [12, 2**63 - 1]
     assert data.column("width").to_pylist() == [64, 72, 64]
     assert data.column("height").to_pylist() == [64, 64, 8]
+
+
+def test_control_characters_are_escaped_in_what_sdflow_prints(prefect_api, tiny_model, tmp_path, capsys):
+    """Column names and ids are untrusted text: an ESC sequence in one must not reach the terminal raw."""
+    red = "\x1b[31m"
+    missing = written(tmp_path, pa.table({"id": [1], f"{red}caption": ["a cat"]}))
+    code, err = run(capsys, missing, tmp_path / "out", tiny_model)
+    assert code == 2 and "\x1b" not in err, repr(err)
+    assert "\\x1b[31mcaption" in err
+
+    (tmp_path / "t.parquet").unlink()
+    long = written(tmp_path, pa.table({"id": [f"{red}row"], "prompt": ["red " * 100]}))
+    code, err = main(["generate", str(long), str(tmp_path / f"out{red}"), "--model", tiny_model, *STEPS]), capsys.readouterr().err
+    assert code == 0, err
+    assert "\x1b" not in err, repr(err)
+    assert "truncated" in err and "\\x1b[31m" in err

@@ -79,6 +79,7 @@ def build_manifest(
         ],
         "failed_rows": list(failed.values()),
         "shards": [{"shard": m["shard"], "file": m["file"], "rows": m["rows"]} for m in committed.markers if m["file"]],
+        "shards_written": sorted(m["shard"] for m in written if m["file"]),  # this run's, of those above
         "timings": timings,
     }
 

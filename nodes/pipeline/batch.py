@@ -53,6 +53,8 @@ def generate_batch(components, scheduler: str | None, rows: list[Row], failed: d
     except SdflowError:
         raise
     except Exception as e:
+        if interrupt := interrupt_behind(e):
+            raise interrupt  # a stop signal, not the rows: Prefect failed while handling it (e.g. "Task run is not set")
         if len(rows) == 1:
             failed[rows[0].position] = f"{type(e).__name__}: {e}"
             return
@@ -89,6 +91,18 @@ def check_not_the_runs_failure(tried: list[Row], failed: dict[int, str]) -> None
         "generate), so the run stops. Fix the cause and run again; a row that fails among rows that succeed is "
         "recorded in the manifest instead"
     )
+
+
+def interrupt_behind(error: BaseException) -> BaseException | None:
+    """The interrupt (KeyboardInterrupt, Prefect's TerminationSignal: a BaseException, not an Exception) that
+    `error` was raised while handling, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if not isinstance(error, Exception):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def make_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:
