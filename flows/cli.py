@@ -83,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", help="Parquet prompt table: local path or fsspec URL (s3://...); 'example' for the bundled one")
     gen.add_argument("out", help="output dataset folder: local path or fsspec URL")
     gen.add_argument("--model", help="diffusers-format folder, fsspec URL or hub id (default: sdflow:shapes, the embedded model)")
-    gen.add_argument("--scheduler", help="ddim, pndm, lms, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras, unipc (default: the model's own)")
+    gen.add_argument("--vae", help="a separate VAE to decode with: a diffusers folder, or a .safetensors file of the model's VAE architecture")
+    gen.add_argument("--scheduler", help="sampler, e.g. euler_a or dpmpp_2m_karras; a name it does not know lists them all (default: the model's own)")
     gen.add_argument("--steps", type=int, help="denoising steps (default: the model's, else 50)")
-    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it (default: the model's, else 7.5)")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it (default: the model's, else the pipeline's: 7.5, SDXL 5.0)")
+    gen.add_argument("--guidance-rescale", type=float, default=0.0, help="diffusers' guidance_rescale, 0 to 1; 0.7 is usual for v-prediction models (default: 0)")
     gen.add_argument("--width", type=int, help="pixels (default: the model's native size)")
     gen.add_argument("--height", type=int, help="pixels (default: the model's native size)")
     gen.add_argument("--negative-prompt", help="default negative prompt (default: none)")
@@ -355,6 +357,8 @@ def generate(args: argparse.Namespace, server) -> dict:
         scheduler=args.scheduler,
         steps=args.steps,
         guidance=args.guidance,
+        guidance_rescale=args.guidance_rescale,
+        vae=args.vae,
         width=args.width,
         height=args.height,
         negative_prompt=args.negative_prompt,
