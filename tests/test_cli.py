@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.support.runs import assert_clean_failure, run_cli
+from tests.support.runs import processes_with_env, assert_clean_failure, run_cli
 from tests.support.tables import write_table
 
 GOOD = [{"id": i, "prompt": f"a red circle {i}"} for i in range(3)]
@@ -152,18 +152,6 @@ def test_command_on_its_own_temporary_prefect_server(tiny_model, tmp_path):
                       "decode-latents", "encode-pngs", "write-shard")
     }, tasks
     assert processes_with_env(f"PREFECT_HOME={home}") == [], "the temporary server must stop with the command"
-
-
-def processes_with_env(entry: str) -> list[int]:
-    """Live processes (Linux /proc) whose environment holds `entry`."""
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if entry.encode() in environ.read_bytes().split(b"\0"):
-                found.append(int(environ.parent.name))
-        except OSError:  # gone, or not ours to read
-            pass
-    return found
 
 
 def test_pickle_checkpoints_need_an_explicit_opt_in(prefect_api, tiny_model, tmp_path, capsys):

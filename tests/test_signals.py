@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.support.runs import assert_consistent, images_by_id
+from tests.support.runs import processes_with_env, assert_consistent, images_by_id
 from tests.support.tables import write_table
 
 ROWS = [{"id": f"s{i}", "prompt": f"a {['red', 'blue', 'green'][i % 3]} circle number {i}"} for i in range(16)]
@@ -48,18 +48,6 @@ def own_server_env(home: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     return env
-
-
-def processes_with_env(entry: str) -> list[int]:
-    """Live processes (Linux /proc) whose environment holds `entry`."""
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if entry.encode() in environ.read_bytes().split(b"\0"):
-                found.append(int(environ.parent.name))
-        except OSError:  # gone, or not ours to read
-            pass
-    return found
 
 
 def start_mid_run(tiny_model: str, prompts: str, out: Path, home: Path, err: Path, **popen) -> subprocess.Popen:

@@ -67,3 +67,15 @@ def assert_clean_failure(code: int, err: str, out: Path, *phrases: str) -> None:
     for phrase in phrases:
         assert phrase in " ".join(err.split()), err
     assert not out.exists(), "a failed run must leave no dataset behind"
+
+
+def processes_with_env(entry: str) -> list[int]:
+    """Live processes (Linux /proc) whose environment holds `entry`."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if entry.encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone, or not ours to read
+            pass
+    return found
