@@ -144,3 +144,29 @@ def test_sdxl_dataset_records_its_conditioning_and_sd_models_refuse_sdxl_columns
     code, err = run_cli(capsys, table, tmp_path / "sd-out", "--model", tiny_model)
     assert code == 2 and "original_size" in err and "sdxl" in err, err
     assert not (tmp_path / "sd-out").exists()
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_a_float16_vae_decodes_in_float32_where_its_config_says_force_upcast(tmp_path, caplog, force_upcast):
+    """diffusers' rule for SDXL: a float16 VAE whose config says force_upcast decodes in float32, up front. Made loud
+    (activations beyond float16's range, as the SDXL VAE produces), the float16 decode would overflow."""
+    import logging
+
+    from nodes.pipeline.decode import decode_latents
+
+    path = save_tiny_sdxl(tmp_path / "xl", seed=7, force_upcast=force_upcast)
+    components = load_components(inspect_model(str(path)), torch.device("cpu"), torch.float16)
+    with torch.inference_mode():
+        components.vae.decoder.conv_out.weight.mul_(200_000)
+    latents = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING, logger="sdflow"):
+        decoded = decode_latents(components, latents.half())
+    assert decoded.non_finite == []
+    overflowed = "overflowed in torch.float16" in caplog.text
+    assert overflowed is not force_upcast  # upcast: decoded in float32 at once; not: float16 first, then again
+    with torch.inference_mode():
+        vae32 = components.vae.float()
+        want = vae32.decode(latents / vae32.config.scaling_factor).sample
+        components.vae.half()
+    want = ((want / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert max_level_difference(decoded.images.numpy(), want.numpy()) <= 1
