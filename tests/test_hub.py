@@ -114,6 +114,40 @@ def test_a_hub_id_in_the_local_cache_loads_offline(prefect_api, tiny_model, tmp_
     by_id = generate_dataset(prompts=table, out=str(tmp_path / "hub"), model="sdflow-test/tiny", steps=2)
     by_folder = generate_dataset(prompts=table, out=str(tmp_path / "folder"), model=tiny_model, steps=2)
     assert by_id["rows"]["generated"] == 2
-    assert by_id["resolved"]["model_fingerprint"] == by_folder["resolved"]["model_fingerprint"]
+    # A hub model is named by its commit and configs (see the next test), a folder by its files' content.
     got, want = images_by_id(tmp_path / "hub"), images_by_id(tmp_path / "folder")
     assert all(np.array_equal(got[i], want[i]) for i in want)
+
+
+def test_a_hub_model_has_one_identity_however_much_of_it_is_cached(tiny_model, tmp_path, monkeypatch):
+    """Configs only (what inspecting an uncached id leaves), then complete: the first is not a usable local copy,
+    and the fingerprint of the complete one equals the one the hub path computes (commit and configs)."""
+    import json
+
+    import huggingface_hub
+    import huggingface_hub.constants
+    import pytest
+
+    from nodes.errors import ModelError
+    from nodes.pipeline import components
+
+    cache = tmp_path / "hf-cache"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--sdflow-test--tiny" / "snapshots" / commit
+    for name in components.COMPONENT_FILES:
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f"{tiny_model}/{name}", snapshot / name)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match="not in the local cache"):
+        components.inspect_model("sdflow-test/tiny")
+
+    configs = {name: json.loads((snapshot / name).read_text()) for name in components.COMPONENT_FILES}
+    family = components.family_of(configs["model_index.json"], "sdflow-test/tiny")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **kw: str(snapshot / name))
+    from_hub = components.model_fingerprint(None, family, "sdflow-test/tiny", configs)
+    shutil.rmtree(snapshot)
+    shutil.copytree(tiny_model, snapshot)
+    assert components.inspect_model("sdflow-test/tiny").fingerprint == from_hub

@@ -203,3 +203,29 @@ def test_two_runs_with_different_tables_into_one_output_at_once(prefect_api, tin
         assert pq.read_table(out / marker["file"]).column("id").to_pylist() == marker["ids"], marker_file
         ids += marker["ids"]
     assert sorted(ids) == sorted(f"{who}{r['id']}" for who in "ab" for r in ROWS[:4])
+
+
+def test_a_commit_whose_marker_response_was_lost_keeps_its_data(tmp_path):
+    """The marker's create-only PUT succeeds but its response is lost; the client's retry is refused as existing
+    (412 -> FileExistsError). The commit did happen: the data file its marker names must survive."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from nodes.dataset.commit import read_marker
+
+    class LostResponse(MemoryFileSystem):
+        def pipe_file(self, path, value, mode="overwrite", **kwargs):
+            super().pipe_file(path, value, mode=mode, **kwargs)
+            if mode == "create" and path.endswith(".json"):
+                raise FileExistsError(path)
+
+    fs = LostResponse(skip_instance_cache=True)
+    fs.store.clear()
+    table = pa.table({
+        "image": pa.array([{"bytes": b"png", "path": None}], pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        "id": [1], "seed": [0],
+    })
+    marker = shard_marker(0, table, np.array([5], np.uint64), [], {})
+    assert commit_shard(fs, "/lost", table, marker) == "already committed"
+    committed = read_marker(fs, "/lost", 0)
+    assert fs.exists(f"/lost/{committed['file']}"), "the marker names a data file that was deleted"
+    fs.store.clear()

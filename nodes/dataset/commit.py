@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import uuid
@@ -41,6 +42,8 @@ from nodes.dataset.store import (
     write_file,
     write_temporary,
 )
+
+log = logging.getLogger("sdflow")
 
 MARKERS = "_shards"
 
@@ -193,7 +196,17 @@ def _same_rows(a: dict, b: dict) -> bool:
 
 
 def _discard(fs: fsspec.AbstractFileSystem, root: str, marker: dict) -> None:
-    """Delete the data file an attempt wrote but did not commit (best effort: a later run's cleanup retries)."""
+    """Delete the data file an attempt wrote but did not commit (best effort: a later run's cleanup retries).
+
+    Unless the marker at its index names that very file: a marker PUT whose response was lost is retried by the
+    client and refused as existing (412), and a signal can land after the link; the commit then did happen.
+    """
+    try:
+        committed = read_marker(fs, root, marker["shard"])
+    except Exception:  # unreadable now: keep the file; cleanup decides later, against the markers
+        return
+    if committed is not None and committed["file"] == marker["file"]:
+        return
     if marker["file"]:
         try:
             fs.rm_file(f"{root}/{marker['file']}")
@@ -265,14 +278,28 @@ def clean_uncommitted(fs: fsspec.AbstractFileSystem, root: str, committed_files:
             fs.rm_file(f"{root}/{name}")
             removed.append(f"{root}/{name}")
     if hasattr(fs, "list_multipart_uploads"):  # s3fs: parts of uploads that a killed process never completed
-        bucket, key, _ = fs.split_path(root)
-        prefix = f"{key}/" if key else ""  # with the slash: s3://b/out must not reach s3://b/outbox/
-        for upload in fs.list_multipart_uploads(bucket):
+        try:
+            removed += _abort_own_uploads(fs, root, before)
+        except OSError as e:  # e.g. no s3:ListBucketMultipartUploads: the dataset is whole; only parts are left
+            log.warning("unfinished uploads under %s were not cleaned (%s: %s)", root, type(e).__name__, e)
+    return removed
+
+
+def _abort_own_uploads(fs, root: str, before: float) -> list[str]:
+    """Abort sdflow's unfinished multipart uploads under OUT/ started before `before`, every page of them."""
+    bucket, key, _ = fs.split_path(root)
+    prefix = f"{key}/" if key else ""  # with the slash: s3://b/out must not reach s3://b/outbox/
+    removed, marker = [], {}
+    while True:
+        page = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **marker)
+        for upload in page.get("Uploads", []):
             name = upload["Key"][len(prefix):]
             if upload["Key"].startswith(prefix) and is_own(name) and upload["Initiated"].timestamp() < before:
                 fs.abort_mpu(bucket, upload["Key"], upload["UploadId"])
                 removed.append(f"{bucket}/{upload['Key']} (unfinished upload)")
-    return removed
+        if not page.get("IsTruncated"):
+            return removed
+        marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
 
 def _modified(info: dict) -> float:

@@ -273,8 +273,9 @@ def list_output(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict]:
     prefix = f"{root}/"
     files = {}
     for path, info in found.items():
-        path = path.rstrip("/")
-        if path == root and info.get("type") != "directory":
+        if path.endswith("/") or info.get("type") == "directory":  # a folder, or a store's folder marker (S3 consoles)
+            continue
+        if path == root:
             raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder", root)
         if path.startswith(prefix):
             files[path[len(prefix):]] = info

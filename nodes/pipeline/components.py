@@ -177,6 +177,25 @@ def _local_model_dir(ref: str, storage_options: dict | None) -> Path | None:
     return _cached_hub_snapshot(ref)
 
 
+def is_hub_snapshot(path: Path) -> bool:
+    """A folder of the Hugging Face cache: .../models--ORG--NAME/snapshots/COMMIT."""
+    return path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--")
+
+
+def complete_snapshot(snapshot: Path) -> bool:
+    """A cached snapshot with weights for every model component its model_index.json names (a cache may hold only
+    the configs, which inspecting a model downloads, or only another variant's weights)."""
+    try:
+        index = json.loads((snapshot / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    models = [
+        name for name, spec in index.items()
+        if isinstance(spec, list) and spec[0] and not name.startswith(("tokenizer", "scheduler", "feature_extractor"))
+    ]
+    return all(any((snapshot / name).glob("*.safetensors")) or any((snapshot / name).glob("*.bin")) for name in models)
+
+
 HUB_PROBE_SECONDS = 5  # how long a hub id may wait for the hub to answer before it counts as unreachable
 
 
@@ -189,7 +208,7 @@ def _cached_hub_snapshot(ref: str) -> Path | None:
 
     try:
         snapshot = Path(huggingface_hub.snapshot_download(ref, local_files_only=True))
-        if (snapshot / "model_index.json").is_file():
+        if complete_snapshot(snapshot):
             return snapshot
     except (LocalEntryNotFoundError, ValueError, OSError):  # not cached (or not a repo id at all)
         pass
@@ -234,6 +253,8 @@ def _remote_objects(fs, root: str, ref: str) -> dict[str, list]:
         raise ModelError(f"model {ref} cannot be listed in its store ({type(e).__name__}: {e}).") from None
     objects = {}
     for path, meta in listing.items():
+        if path.endswith("/") or meta.get("type") == "directory":  # a store's folder marker (S3 consoles make them)
+            continue
         if path.startswith(prefix):
             version = next((meta[k] for k in OBJECT_VERSION_KEYS if meta.get(k)), None)
             objects[path[len(prefix) :]] = [meta.get("size"), str(version)]
@@ -291,11 +312,14 @@ def model_fingerprint(local: Path | None, family: ModelFamily, source: str, conf
     checkpoint is read once, not every run. A hub id is named by its configs and the commit they came from.
     """
     digest = hashlib.sha256()
-    if local is None:
-        from huggingface_hub import hf_hub_download
+    if local is None or is_hub_snapshot(local):
+        # A hub model is named by its commit and configs, whether it is read from the hub or from the cache (which
+        # may hold other variants beside it): one identity however much of it this machine has downloaded.
+        if local is None:
+            from huggingface_hub import hf_hub_download
 
-        commit = Path(hf_hub_download(source, "model_index.json")).parent.name  # .../snapshots/<commit>/
-        digest.update(json.dumps([configs, commit], sort_keys=True).encode())
+            local = Path(hf_hub_download(source, "model_index.json")).parent  # .../snapshots/<commit>/
+        digest.update(json.dumps([configs, local.name], sort_keys=True).encode())
         return digest.hexdigest()[:16]
     tops = [name for name, _, _ in family.components] + list(FINGERPRINT_EXTRA)
     paths = sorted(
