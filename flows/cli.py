@@ -41,7 +41,9 @@ def stop_on_signals() -> dict:
     """Make the stop signals raise Stopped in the main thread; returns the handlers they replace."""
     if threading.current_thread() is not threading.main_thread():
         return {}  # an in-process caller on another thread: signals are its own business
-    return {s: signal.signal(s, raise_stopped) for s in STOP_SIGNALS}
+    # A signal the caller ignores stays ignored: `nohup sdflow ...` must survive the terminal's hangup, and a
+    # background job its shell's Ctrl-C.
+    return {s: signal.signal(s, raise_stopped) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
 
 
 def stopping_signal(error: BaseException) -> int | None:
@@ -194,8 +196,16 @@ def fail_text(message: str) -> str:
     )
 
 
+def say(text: str) -> None:
+    """One line (or paragraph) on stderr; a terminal that hung up (EIO) must not turn an exit code into a traceback."""
+    try:
+        print(text, file=sys.stderr)
+    except OSError:
+        pass
+
+
 def fail(message: str, code: int) -> int:
-    print(fail_text(message), file=sys.stderr)
+    say(fail_text(message))
     return code
 
 
@@ -338,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if quiet:
             quiet.close()
-    print(printable(message), file=sys.stderr)
+    say(printable(message))
     return 0
 
 

@@ -16,7 +16,7 @@ from nodes.dataset.commit import Committed, clean_uncommitted, read_committed
 from nodes.dataset.ingest import PromptPlan, committed_schema, plan_prompt_table_task, resolve_defaults
 from nodes.dataset.manifest import build_manifest, write_manifest
 from nodes.dataset.sheet import CONTACT_SHEET, SHEET_ROWS, contact_sheet, first_images
-from nodes.dataset.store import open_output, storage_options_from_env
+from nodes.dataset.store import check_format, open_output, storage_options_from_env
 from nodes.errors import SdflowError
 from nodes.params import GenerationDefaults, RunConfig
 from nodes.pipeline.components import ModelInfo, inspect_model, load_components_task, resolve_device, resolve_dtype
@@ -51,6 +51,7 @@ def check_inputs(p: dict) -> Job:
     device = resolve_device(p["device"])
     dtype = resolve_dtype(p["dtype"], device)
     fs, root = open_output(p["out"], storage_options)
+    check_format(fs, root, p["out"])  # a dataset this version would extend (reading an older one is fine)
     run = RunConfig(p["scheduler"], sampler, p["batch_size"], p["batches_in_flight"], p["progress"], storage_options)
     return Job(info, defaults, run, device, dtype, fs, root, read_committed(fs, root))
 

@@ -14,7 +14,7 @@ from nodes.dataset.ingest import PromptPlan, iter_shard_rows
 from nodes.dataset.manifest import package_version, software_versions
 from nodes.dataset.store import encode_pngs_task
 from nodes.params import GenerationDefaults, RunConfig
-from nodes.pipeline.batch import Stages, generate_shard_images
+from nodes.pipeline.batch import RunProgress, Stages, generate_shard_images
 from nodes.pipeline.components import model_loads
 from nodes.pipeline.decode import decode_latents_task
 from nodes.pipeline.denoise import denoise_task
@@ -62,10 +62,12 @@ def generate_shards(
     bar = tqdm(total=plan.rows_to_generate, unit="img", disable=not run.progress, desc="generating")
     encoding = deque()
     writing = deque()
+    progress = RunProgress()  # once a row has come out, rows failing alone are the rows' problem, in any shard
     for shard, rows, carried, keys in iter_shard_rows(plan, defaults, info.size_multiple, run.storage_options):
         started = time.perf_counter()
         pngs, failed = generate_shard_images(
-            components, rows, run, encode_images, encoding, lambda batch, failed: bar.update(len(batch)), stages=TASK_STAGES
+            components, rows, run, encode_images, encoding, lambda batch, failed: bar.update(len(batch)), stages=TASK_STAGES,
+            progress=progress,
         )
         failures = shard_failures(rows, keys, failed)
         stats = {**extra, **shard_stats(started, len(rows))}

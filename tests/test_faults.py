@@ -170,3 +170,22 @@ def test_a_device_that_cannot_hold_weights_is_refused_up_front(prefect_api, tiny
     out = tmp_path / "out"
     code, err = run_cli(capsys, write_table(tmp_path / "p.parquet", ROWS), out, "--model", tiny_model, "--device", "meta")
     assert_clean_failure(code, err, out, "--device meta", "holds no weights")
+
+
+def test_rows_failing_alone_in_a_later_shard_are_the_rows_problem(prefect_api, own_model, tmp_path, monkeypatch):
+    """Once a row of the run has come out, a later shard whose rows all fail (too large for the device, say) is
+    recorded row by row and the run goes on: the run-level stop is for runs that never made an image."""
+    real = nodes.pipeline.batch.make_generators
+
+    def poisoned(rows):
+        if any("poison" in r.prompt for r in rows):
+            raise ValueError("this row cannot be generated")
+        return real(rows)
+
+    monkeypatch.setattr(nodes.pipeline.batch, "make_generators", poisoned)
+    rows = ROWS[:2] + [{"id": 90 + i, "prompt": f"poison {i}", "seed": i} for i in range(2)]
+    manifest = generate_dataset(
+        prompts=write_table(tmp_path / "p.parquet", rows), out=str(tmp_path / "out"), model=own_model,
+        batch_size=2, shard_size=2,
+    )
+    assert (manifest["rows"]["generated"], manifest["rows"]["failed"]) == (2, 2)

@@ -113,8 +113,9 @@ def test_a_hub_id_in_the_local_cache_loads_offline(prefect_api, tiny_model, tmp_
     table = write_table(tmp_path / "t.parquet", ROWS)
     by_id = generate_dataset(prompts=table, out=str(tmp_path / "hub"), model="sdflow-test/tiny", steps=2)
     by_folder = generate_dataset(prompts=table, out=str(tmp_path / "folder"), model=tiny_model, steps=2)
-    assert by_id["rows"]["generated"] == 2
+    assert by_id["rows"]["generated"] == by_folder["rows"]["generated"] == 2
     # A hub model is named by its commit and configs (see the next test), a folder by its files' content.
+    assert by_id["resolved"]["model_fingerprint"] != by_folder["resolved"]["model_fingerprint"]
     got, want = images_by_id(tmp_path / "hub"), images_by_id(tmp_path / "folder")
     assert all(np.array_equal(got[i], want[i]) for i in want)
 

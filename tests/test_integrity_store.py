@@ -210,3 +210,14 @@ def test_a_dataset_of_another_format_is_not_extended(prefect_api, tiny_model, pr
         generate_dataset(prompts=prompts, out=str(out), model=tiny_model, **RUN)
     assert sorted(p.name for p in out.rglob("*")) == before
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["format"] == "sdflow-dataset/1"
+
+
+def test_files_that_operating_systems_leave_are_neither_refused_nor_touched(prefect_api, tiny_model, prompts, dataset, tmp_path):
+    out = copy_of(dataset, tmp_path / "out")
+    left = [out / ".DS_Store", out / "data" / ".DS_Store", out / ".ipynb_checkpoints" / "manifest-checkpoint.json"]
+    for path in left:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("the desktop's")
+    again = generate_dataset(prompts=prompts, out=str(out), model=tiny_model, **RUN)
+    assert again["rows"]["already_done"] == len(ROWS)
+    assert all(path.read_text() == "the desktop's" for path in left)

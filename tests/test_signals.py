@@ -136,3 +136,21 @@ def test_server_killed_mid_run_stops_the_run_in_one_paragraph(tiny_model, refere
     assert len(text.strip().split("\n\n")) == 1 and len(text) < 1000, text
     assert processes_with_env(f"PREFECT_HOME={home}") == []
     assert_rerun_completes_exactly(tiny_model, reference, out, home)
+
+
+def test_a_signal_the_caller_ignores_stays_ignored():
+    """`nohup sdflow generate ... &`: the hangup at logout must not stop the run (nohup sets SIGHUP to ignored)."""
+    script = (
+        "import os, signal, time\n"
+        "from flows.cli import stop_on_signals\n"
+        "stop_on_signals()\n"
+        "os.kill(os.getpid(), signal.SIGHUP)\n"
+        "time.sleep(0.2)\n"
+        "print('survived')\n"
+    )
+    ignoring = subprocess.run(
+        ["nohup", sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=os.getcwd()
+    )
+    assert ignoring.stdout.strip() == "survived", ignoring.stderr
+    plain = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert plain.returncode != 0 and "survived" not in plain.stdout  # without nohup the hangup still stops it

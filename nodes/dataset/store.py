@@ -219,7 +219,6 @@ def open_output(url: str, storage_options: dict | None = None) -> tuple[fsspec.A
                 "manifest, contact sheet, data/, _shards/ and evaluation/, and sdflow replaces and deletes files "
                 "there: choose a new or empty location, or move those files away."
             )
-        check_format(fs, root, url)
         check_writable(fs, root, url)
     except StorageError:
         raise
@@ -289,7 +288,7 @@ def foreign_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     format, and a contact sheet without one belongs to a run that committed shards (markers) and then died.
     """
     files = list_output(fs, root)
-    foreign = sorted(name for name in files if not is_own(name))
+    foreign = sorted(name for name in files if not is_own(name) and not is_system_file(name))
     ours = "manifest.json" in files and _is_sdflow_manifest(fs.cat_file(f"{root}/manifest.json"))
     if "manifest.json" in files and not ours:
         foreign.append("manifest.json (not an sdflow manifest)")
@@ -315,6 +314,15 @@ def check_format(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
             f"output {url} is a dataset of format {found}, written by another sdflow version; this one writes "
             f"{DATASET_FORMAT} (other row keys and columns), so it cannot extend it: write to a new location."
         )
+
+
+# Files operating systems and tools leave in any folder a person opens (Finder, Windows Explorer, Jupyter, NFS's
+# silly renames): neither sdflow's nor a sign of another dataset. Left alone: not refused, never deleted.
+SYSTEM_FILE = re.compile(r"(?:.*/)?(?:\.DS_Store|\._.+|Thumbs\.db|desktop\.ini|\.nfs[0-9a-fA-F]+|\.ipynb_checkpoints/.*)")
+
+
+def is_system_file(name: str) -> bool:
+    return SYSTEM_FILE.fullmatch(name) is not None
 
 
 def _is_sdflow_manifest(data: bytes) -> bool:

@@ -25,6 +25,13 @@ from nodes.pipeline.latents import make_generators, prepare_latents
 log = logging.getLogger("sdflow")
 
 
+@dataclass
+class RunProgress:
+    """Shared by a run's shards: whether any row of the run has come out yet."""
+
+    produced: bool = False
+
+
 @dataclass(frozen=True)
 class Stages:
     """The stage functions the engine calls, in this order."""
@@ -83,7 +90,9 @@ def check_not_the_runs_failure(tried: list[Row], failed: dict[int, str]) -> None
     does not stop it.
     """
     errors = [failed[r.position] for r in tried]
-    if len(errors) < 2 or len({error.split(":", 1)[0] for error in errors}) > 1:
+    kinds = {error.split(":", 1)[0] for error in errors}
+    # Out of memory even alone is the rows' size, not the run's: those rows are recorded and the run goes on.
+    if len(errors) < 2 or len(kinds) > 1 or kinds == {"OutOfMemoryError"}:
         return
     raise RunError(
         f"the first {len(errors)} rows tried all failed alone with {errors[0]} (rows {name_ids(r.id for r in tried)}), "
@@ -122,6 +131,7 @@ def generate_shard_images(
     on_batch: Callable | None = None,
     device_slot: Callable = nullcontext,
     stages: Stages = Stages(),
+    progress: RunProgress | None = None,
 ) -> tuple[list, dict[int, str]]:
     """Generate one shard's rows batch by batch; returns its encoded-image futures (one per batch) and its failed rows.
 
@@ -129,18 +139,20 @@ def generate_shard_images(
     next batch's denoising, with at most `run.batches_in_flight` batches waiting in `encoding` (shared across
     shards), so memory stays bounded. `device_slot()` is held while a batch runs on the device (a per-device
     concurrency slot on GPU workers); `on_batch(rows, failed so far)` follows each batch. Until a row of the
-    shard comes out, rows failing the same way stop the run (check_not_the_runs_failure).
+    shard (or, given `progress` shared across shards, of the run) comes out, rows failing the same way stop the
+    run (check_not_the_runs_failure).
     """
+    progress = progress or RunProgress()
     futures = []
     failed: dict[int, str] = {}
-    tried: list[Row] = []  # the rows tried before any came out
+    tried: list[Row] | None = None if progress.produced else []  # the rows tried before any came out
     for batch in make_batches(rows, run.batch_size):
         with device_slot():
             outputs = list(generate_batch(components, run.scheduler, batch, failed, stages))
         if tried is not None:
             tried += batch
             if outputs:
-                tried = None
+                tried, progress.produced = None, True
             else:
                 check_not_the_runs_failure(tried, failed)
         for row in batch:

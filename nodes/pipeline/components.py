@@ -168,8 +168,14 @@ def _local_model_dir(ref: str, storage_options: dict | None) -> Path | None:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise ModelError(f"model {ref} changed while it was being copied; run again once its upload is complete.")
             (partial / ".complete").touch()
-            shutil.rmtree(local, ignore_errors=True)
-            os.replace(partial, local)
+            if not (local / ".complete").exists():  # else another process (a worker beside this one) was quicker
+                shutil.rmtree(local, ignore_errors=True)  # never complete: a copy of an older sdflow, say
+                try:
+                    os.replace(partial, local)
+                except OSError:  # lost the race to rename: theirs is the same objects
+                    if not (local / ".complete").exists():
+                        raise ModelError(f"model {ref}: its local copy at {local} cannot be made; remove it and run again.") from None
+            shutil.rmtree(partial, ignore_errors=True)
         return local
     path = Path(ref.removeprefix("file://")).expanduser()
     if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
@@ -217,7 +223,8 @@ def _cached_hub_snapshot(ref: str) -> Path | None:
     why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _hub_unreachable(constants.ENDPOINT)
     if why:
         raise ModelError(
-            f"model {ref} is a Hugging Face hub id that is not in the local cache ({constants.HF_HUB_CACHE}), and the "
+            f"model {ref} is not a local folder or file, so it was taken for a Hugging Face hub id; it is not in the "
+            f"local cache ({constants.HF_HUB_CACHE}), and the "
             f"hub cannot be used: {why}. Point --model at a local diffusers folder, or at a copy on your own store "
             "(s3://...), or download it once where the network allows (huggingface-cli download "
             f"{ref}) into the cache this machine reads (HF_HOME / HF_HUB_CACHE)."
@@ -413,7 +420,8 @@ def inspect_model(ref: str | None = None, storage_options: dict | None = None, v
         default_guidance=float(defaults.get("guidance_scale", family.default_guidance)),
         default_negative_prompt=str(defaults.get("negative_prompt", "")),
         scheduler_config=configs["scheduler/scheduler_config.json"],
-        force_zeros_for_empty_prompt=bool(configs["model_index.json"].get("force_zeros_for_empty_prompt", False)),
+        # StableDiffusionXLPipeline's default is True; pipelines without the setting have no such rule.
+        force_zeros_for_empty_prompt=bool(configs["model_index.json"].get("force_zeros_for_empty_prompt", family.name == "sdxl")),
         vae=None if vae_path is None else str(vae_path),
     )
 
