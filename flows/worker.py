@@ -25,7 +25,7 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
 from flows.artifacts import status_line
-from flows.shards import TASK_STAGES, marker_extra, image_encoder, shard_stats, worker_id
+from flows.shards import TASK_STAGES, image_encoder, marker_extra, shard_stats, worker_id
 from nodes.dataset.commit import read_marker, shard_failures, write_shard
 from nodes.dataset.ingest import Shard
 from nodes.dataset.store import open_output, storage_options_from_env

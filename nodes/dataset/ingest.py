@@ -391,8 +391,9 @@ def plan_prompt_table(
 
     `identity` is row_key's (scheduler, model fingerprint[, ImageFormat.key]), which with each row's values makes
     its key; rows whose key is in `done_keys` (sorted uint64, from committed shards) are skipped. The rest are cut,
-    in table order, into shards of `rows_per_shard` numbered from `first_shard`. Raises PromptTableError naming the invalid rows,
-    unless `skip_invalid`, where they are listed in the plan and left out. Duplicate ids are always an error.
+    in table order, into shards of `rows_per_shard` numbered from `first_shard`. Raises PromptTableError naming the
+    invalid rows, unless `skip_invalid`, where they are listed in the plan and left out. Duplicate ids are always an
+    error.
     `dataset_schema` (committed_schema) is the schema of the output's shards, which the table must keep.
     """
     pf, version = _open_versioned(url, storage_options)

@@ -9,11 +9,13 @@ encode time, the size and the PSNR against the pixels for each format. A script,
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import time
 
 import numpy as np
 import PIL
+from PIL import Image
 
 from nodes.dataset.store import encode_image, infotext
 from nodes.params import Row, image_format
@@ -32,9 +34,6 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    from PIL import Image
-    import io
-
     pixels = photo_like(args.size)
     prompt = "a photograph of a lighthouse on a rocky coast at dusk, dramatic clouds, 35mm, highly detailed"
     row = Row(0, 0, prompt, "blurry, lowres, watermark", 1234, 30, 7.0, args.size, args.size)
@@ -50,9 +49,9 @@ def main() -> None:
             data = encode_image(pixels, text, fmt)
             times.append(time.perf_counter() - started)
         decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-        shown = "lossless" if fmt.lossless else str(fmt.quality) + (" (default)" if quality is None else "")
-        print(f"| {name} | {shown if quality is not None or name == 'jpeg' else '-'} | {1000 * statistics.median(times):.1f} | "
-              f"{len(data) / 1024:.0f} | {psnr(decoded, pixels):.1f} |")
+        shown = "- (lossless)" if fmt.lossless else f"{fmt.quality}{' (default)' if quality is None else ''}"
+        milliseconds = 1000 * statistics.median(times)
+        print(f"| {name} | {shown} | {milliseconds:.1f} | {len(data) / 1024:.0f} | {psnr(decoded, pixels):.1f} |")
 
 
 if __name__ == "__main__":
