@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="run seed, from which rows without a seed derive theirs (default: 0)")
     gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA, float32 on CPU")
+    gen.add_argument("--image-format", default="png", help="png (lossless, default), webp (lossless unless --quality) or jpeg")
+    gen.add_argument("--quality", type=int, help="1 to 100: lossy WebP at this quality, or JPEG's (default for jpeg: 95); not with png")
     gen.add_argument("--skip-invalid", action="store_true", help="leave invalid rows out (listed in the manifest) instead of stopping")
     gen.add_argument("--allow-pickle", action="store_true", help="also load pickle checkpoints (.bin); they can run code")
     gen.add_argument("--storage-options", help="JSON fsspec storage options (credentials, endpoint); never logged")
@@ -289,6 +291,11 @@ def check_obvious_inputs(args: argparse.Namespace) -> None:
 
             if args.scheduler not in SAMPLERS:
                 raise SdflowError(f"--scheduler {args.scheduler!r} is not one of: {', '.join(SAMPLERS)}.")
+        if args.image_format != "png" or args.quality is not None:
+            from nodes.params import image_format, image_format_rule
+
+            if image_format(args.image_format, args.quality) is None:
+                raise SdflowError(image_format_rule(args.image_format, args.quality))
     model = args.model or ""
     # As the flow reads a model reference: a path when it starts like one or is not of the hub's "org/name" form.
     if model and local(model) and (model.startswith((".", "/", "~", "file://")) or model.count("/") != 1):
@@ -381,6 +388,8 @@ def generate(args: argparse.Namespace, server) -> dict:
         allow_pickle=args.allow_pickle,
         pool=args.pool,
         progress=sys.stderr.isatty() or args.verbose,
+        image_format=args.image_format,
+        image_quality=args.quality,
     )
 
 

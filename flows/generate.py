@@ -18,7 +18,7 @@ from nodes.dataset.manifest import build_manifest, write_manifest
 from nodes.dataset.sheet import CONTACT_SHEET, SHEET_ROWS, contact_sheet, first_images
 from nodes.dataset.store import check_format, open_output, storage_options_from_env
 from nodes.errors import SdflowError
-from nodes.params import GenerationDefaults, RunConfig
+from nodes.params import GenerationDefaults, RunConfig, image_format, image_format_rule
 from nodes.pipeline.components import ModelInfo, inspect_model, load_components_task, resolve_device, resolve_dtype
 from nodes.pipeline.denoise import scheduler_name
 
@@ -42,6 +42,9 @@ def check_inputs(p: dict) -> Job:
     """Everything that can be wrong with the options, the model or the output, found before a weight is loaded."""
     if p["batch_size"] < 1 or p["shard_size"] < 1 or p["batches_in_flight"] < 1:
         raise SdflowError("--batch-size, --shard-size and batches in flight must be at least 1.")
+    image = image_format(p["image_format"], p["image_quality"])
+    if image is None:
+        raise SdflowError(image_format_rule(p["image_format"], p["image_quality"]))
     storage_options = storage_options_from_env()
     info = inspect_model(p["model"], storage_options, p["vae"])
     defaults = resolve_defaults(
@@ -52,7 +55,7 @@ def check_inputs(p: dict) -> Job:
     dtype = resolve_dtype(p["dtype"], device)
     fs, root = open_output(p["out"], storage_options)
     check_format(fs, root, p["out"])  # a dataset this version would extend (reading an older one is fine)
-    run = RunConfig(p["scheduler"], sampler, p["batch_size"], p["batches_in_flight"], p["progress"], storage_options)
+    run = RunConfig(p["scheduler"], sampler, p["batch_size"], p["batches_in_flight"], p["progress"], storage_options, image)
     return Job(info, defaults, run, device, dtype, fs, root, read_committed(fs, root))
 
 
@@ -74,7 +77,9 @@ def finalize(job: Job, parameters: dict, plan: PromptPlan, written: list[dict], 
     committed = read_committed(job.fs, job.root)
     clean_uncommitted(job.fs, job.root, committed.files, job.started)
     dtype = str(job.dtype).removeprefix("torch.")
-    manifest = build_manifest(parameters, job.defaults, job.info, str(job.device), dtype, plan, committed, written, timings)
+    manifest = build_manifest(
+        parameters, job.defaults, job.info, str(job.device), dtype, plan, committed, written, timings, job.run.image
+    )
     if committed.files:
         images, captions = first_images(job.fs, job.root, committed.markers, SHEET_ROWS)
         header = f"# {parameters['out']}\n\n{manifest['rows']['in_dataset']} images; the first {len(images)}:\n"
@@ -109,11 +114,14 @@ def generate_dataset(
     allow_pickle: bool = False,
     pool: str | None = None,
     progress: bool = False,
+    image_format: str = "png",
+    image_quality: int | None = None,
 ) -> dict:
     """Generate one image per row of the Parquet table `prompts` into the dataset at `out`; returns the manifest.
 
     Options left as None take the model's own values. Storage credentials come from the AWS environment
-    or SDFLOW_STORAGE_OPTIONS, never from parameters. With `pool`, shards run on the task workers serving
+    or SDFLOW_STORAGE_OPTIONS, never from parameters. `image_format` is png (lossless), webp or jpeg; `image_quality`
+    (1 to 100) makes WebP lossy and sets JPEG's (default 95). With `pool`, shards run on the task workers serving
     that pool (`sdflow worker --pool NAME`), which write to `out` themselves; without, in this process.
     """
     parameters = {k: v for k, v in locals().items() if k != "progress"}
@@ -122,7 +130,8 @@ def generate_dataset(
 
     first_shard = max(job.committed.next_index, used_shard_indices(pool) if pool else 0)
     plan = plan_prompt_table_task(
-        prompts, job.defaults, job.info.size_multiple, shard_size, identity=(job.run.sampler, job.info.fingerprint),
+        prompts, job.defaults, job.info.size_multiple, shard_size,
+        identity=(job.run.sampler, job.info.fingerprint, job.run.image.key),  # the image format: "" for PNG (row_key)
         done_keys=job.committed.keys, first_shard=first_shard, skip_invalid=skip_invalid,
         storage_options=job.run.storage_options, dataset_schema=committed_schema(job.fs, job.root, job.committed.markers, out),
     )

@@ -1,4 +1,4 @@
-"""Shards made in this process: the engine with each stage as a Prefect task, PNG encoding beside it, commits overlapped."""
+"""Shards made in this process: the engine with each stage as a Prefect task, image encoding beside it, commits overlapped."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from nodes.dataset.commit import shard_failures, write_shard_task
 from nodes.dataset.ingest import PromptPlan, iter_shard_rows
 from nodes.dataset.manifest import package_version, software_versions
-from nodes.dataset.store import encode_pngs_task
+from nodes.dataset.store import encode_images_task
 from nodes.params import GenerationDefaults, RunConfig
 from nodes.pipeline.batch import RunProgress, Stages, generate_shard_images
 from nodes.pipeline.components import model_loads
@@ -25,11 +25,12 @@ from nodes.pipeline.latents import prepare_latents_task
 TASK_STAGES = Stages(encode_prompts_task, prepare_latents_task, denoise_task, decode_latents_task)
 
 
-def png_encoder(components, run: RunConfig):
-    """The engine's `encode_images`: submits a batch's PNG encoding (with its infotext) as a task, returns its future."""
+def image_encoder(components, run: RunConfig):
+    """The engine's `encode_images`: submits a batch's encoding in the run's image format (with its infotext) as a
+    task, in the thread pool, so that it overlaps the next batch; returns its future."""
     release = package_version("sdflow")
     model = components.info.ref
-    return lambda rows, images: encode_pngs_task.submit(images, rows, run.sampler, model, release)
+    return lambda rows, images: encode_images_task.submit(images, rows, run.sampler, model, release, run.image)
 
 
 def worker_id() -> str:
@@ -58,21 +59,21 @@ def generate_shards(
     """
     info = components.info
     extra = marker_extra(run, components.device)
-    encode_images = png_encoder(components, run)
+    encode_images = image_encoder(components, run)
     bar = tqdm(total=plan.rows_to_generate, unit="img", disable=not run.progress, desc="generating")
     encoding = deque()
     writing = deque()
     progress = RunProgress()  # once a row has come out, rows failing alone are the rows' problem, in any shard
     for shard, rows, carried, keys in iter_shard_rows(plan, defaults, info.size_multiple, run.storage_options):
         started = time.perf_counter()
-        pngs, failed = generate_shard_images(
+        encoded, failed = generate_shard_images(
             components, rows, run, encode_images, encoding, lambda batch, failed: bar.update(len(batch)), stages=TASK_STAGES,
             progress=progress,
         )
         failures = shard_failures(rows, keys, failed)
         stats = {**extra, **shard_stats(started, len(rows))}
         writing.append(
-            write_shard_task.submit(fs, root, shard.index, rows, keys, pngs, carried, run.sampler, info.ref, failures, stats)
+            write_shard_task.submit(fs, root, shard.index, rows, keys, encoded, carried, run.sampler, info.ref, failures, stats)
         )
         while len(writing) > 1:
             on_committed(writing.popleft().result())

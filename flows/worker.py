@@ -25,7 +25,7 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
 from flows.artifacts import status_line
-from flows.shards import TASK_STAGES, marker_extra, png_encoder, shard_stats, worker_id
+from flows.shards import TASK_STAGES, image_encoder, marker_extra, shard_stats, worker_id
 from nodes.dataset.commit import read_marker, shard_failures, write_shard
 from nodes.dataset.ingest import Shard
 from nodes.dataset.store import open_output, storage_options_from_env
@@ -98,13 +98,13 @@ def run_shard(request: ShardRequest) -> dict:
         # The lease is renewed while a batch runs; a worker that dies holding it frees the slot when it lapses.
         return concurrency(device_limit_name(device), occupy=1, strict=False, lease_duration=DEVICE_LEASE_S)
 
-    pngs, failed = generate_shard_images(
-        components, request.rows, run, png_encoder(components, run), deque(), on_batch, device_slot, TASK_STAGES
+    encoded, failed = generate_shard_images(
+        components, request.rows, run, image_encoder(components, run), deque(), on_batch, device_slot, TASK_STAGES
     )
     extra = {**marker_extra(run, device), **shard_stats(started, total)}
     rows, keys = request.rows, request.keys
     return write_shard(
-        fs, root, request.shard.index, rows, keys, [p.result() for p in pngs], request.carried, run.sampler,
+        fs, root, request.shard.index, rows, keys, [e.result() for e in encoded], request.carried, run.sampler,
         info.ref, shard_failures(rows, keys, failed), extra,
     )
 

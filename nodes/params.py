@@ -234,13 +234,60 @@ Row = make_dataclass(
 Row.__module__ = __name__  # so that rows pickle (pool workers receive them) as nodes.params.Row
 
 
+IMAGE_FORMATS = ("png", "webp", "jpeg")  # what --image-format takes; png is the default
+JPEG_QUALITY = 95  # --quality for JPEG when none is given: A1111's default, few visible artefacts, about 1/3 of PNG's size
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """How each image is stored: its file format and, for lossy encodings, their quality."""
+
+    name: str = "png"  # png, webp or jpeg (IMAGE_FORMATS)
+    quality: int | None = None  # 1 to 100 for JPEG and lossy WebP; None: PNG, or WebP lossless
+
+    @property
+    def lossless(self) -> bool:
+        return self.name == "png" or (self.name == "webp" and self.quality is None)
+
+    @property
+    def key(self) -> str:
+        """What it adds to a row's key: "" for PNG, so that PNG rows keep the keys they had before formats existed."""
+        if self.name == "png":
+            return ""
+        return f"{self.name}:{'lossless' if self.quality is None else self.quality}"
+
+
+def image_format(name: str, quality: int | None) -> ImageFormat | None:
+    """The resolved --image-format and --quality, or None if they are not valid together (image_format_rule)."""
+    if name not in IMAGE_FORMATS:
+        return None
+    if quality is not None and (name == "png" or whole_number(quality, 1, 100) is None):
+        return None
+    if name == "jpeg" and quality is None:
+        quality = JPEG_QUALITY
+    return ImageFormat(name, None if quality is None else int(quality))
+
+
+def image_format_rule(name, quality) -> str:
+    """Why image_format refused `name` and `quality`, in one sentence for the user."""
+    if name not in IMAGE_FORMATS:
+        return f"--image-format {name!r} is not one of: {', '.join(IMAGE_FORMATS)}."
+    if name == "png":
+        return f"--quality {quality!r} does not apply to png, which is lossless: leave it out, or choose webp or jpeg."
+    return (
+        f"--quality {quality!r} is not a whole number from 1 to 100; it sets {name}'s lossy quality"
+        + (" (leave it out for lossless WebP)." if name == "webp" else f" (default {JPEG_QUALITY}).")
+    )
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """How a run generates, beyond each row's own parameters."""
 
     scheduler: str | None  # as asked: an sdflow sampler name, or None for the model's own
-    sampler: str  # its resolved name, written to each row and PNG
+    sampler: str  # its resolved name, written to each row and image
     batch_size: int  # rows per U-Net batch
-    batches_in_flight: int  # decoded batches that may wait for PNG encoding
+    batches_in_flight: int  # decoded batches that may wait for image encoding
     progress: bool  # show a progress bar on stderr
     storage_options: dict = field(hash=False)  # fsspec options; may hold credentials, never logged
+    image: ImageFormat = ImageFormat()  # how images are stored; part of each row's key unless PNG

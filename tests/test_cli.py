@@ -149,7 +149,7 @@ def test_command_on_its_own_temporary_prefect_server(tiny_model, tmp_path):
     assert stages == {
         stage: "COMPLETED"
         for stage in ("plan-prompt-table", "load-model", "encode-prompts", "prepare-latents", "denoise",
-                      "decode-latents", "encode-pngs", "write-shard")
+                      "decode-latents", "encode-images", "write-shard")
     }, tasks
     assert processes_with_env(f"PREFECT_HOME={home}") == [], "the temporary server must stop with the command"
 

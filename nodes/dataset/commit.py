@@ -1,7 +1,7 @@
 """The commit protocol: a shard counts as done only when its marker exists, and the marker is written last.
 
     OUT/data/part-NNNNN-ATTEMPT.parquet   the shard's rows, written whole to a key of this attempt's own first
-    OUT/_shards/NNNNN.json                its marker, created only if absent: the data file, row keys, ids, seeds, PNG hashes
+    OUT/_shards/NNNNN.json                its marker, created only if absent: the data file, row keys, ids, seeds, image hashes
 
 Control files start with `_` (and temporary files with `.`), so Parquet readers skip them. Each attempt
 writes its data under its own key, so no attempt can overwrite the rows another attempt's marker names:
@@ -176,7 +176,7 @@ def read_marker(fs: fsspec.AbstractFileSystem, root: str, index: int) -> dict | 
 
 
 def shard_marker(index: int, table: pa.Table, keys: np.ndarray, failed: list[dict], extra: dict) -> dict:
-    """The marker of a shard: which rows it holds (keys, ids, seeds), their PNG hashes, and what failed."""
+    """The marker of a shard: which rows it holds (keys, ids, seeds), their images' sha256, and what failed."""
     images = table.column("image").combine_chunks().field("bytes").to_pylist() if table.num_rows else []
     return {
         "shard": index,
@@ -185,7 +185,7 @@ def shard_marker(index: int, table: pa.Table, keys: np.ndarray, failed: list[dic
         "keys": [f"{int(k):016x}" for k in keys],
         "ids": table.column("id").to_pylist() if table.num_rows else [],
         "seeds": table.column("seed").to_pylist() if table.num_rows else [],
-        "sha256": [hashlib.sha256(png).hexdigest() for png in images],
+        "sha256": [hashlib.sha256(data).hexdigest() for data in images],
         "failed": failed,
         **extra,
     }
@@ -316,18 +316,18 @@ def write_shard(
     index: int,
     rows: list[Row],
     keys: np.ndarray,
-    pngs: list[dict[int, bytes]],
+    encoded: list[dict[int, bytes]],
     carried: pa.Table,
     scheduler: str,
     model: str,
     failed: list[dict],
     extra: dict,
 ) -> dict:
-    """Assemble a shard from its batches' PNGs (failed rows have none and are left out) and commit it.
+    """Assemble a shard from its batches' encoded images (failed rows have none and are left out) and commit it.
 
     Returns its marker, with `outcome` "committed" or "already committed".
     """
-    merged = {position: data for batch in pngs for position, data in batch.items()}
+    merged = {position: data for batch in encoded for position, data in batch.items()}
     keep = [i for i, r in enumerate(rows) if r.position in merged]
     table = shard_table([rows[i] for i in keep], merged, carried.take(keep), scheduler, model)
     marker = shard_marker(index, table, keys[keep], failed, extra)

@@ -62,7 +62,7 @@ class PromptPlan:
     carried_columns: tuple[str, ...]  # input columns passed through untouched to the output
     shards: tuple[Shard, ...]  # the rows still to generate
     invalid: dict[int, tuple[int | str, str]] = field(default_factory=dict)  # position -> (id, problem)
-    identity: tuple[str, str] = ("", "")  # (scheduler, model fingerprint): part of every row key
+    identity: tuple[str, ...] = ("", "")  # (scheduler, model fingerprint[, ImageFormat.key]): row_key's arguments
     version: str = ""  # the table file's version when planned (_open_versioned); generation reads only that one
     done_keys: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64), compare=False)  # sorted
     already_done: int = 0  # rows of this table committed by earlier runs, skipped
@@ -351,14 +351,16 @@ OPTIONAL_KEY = tuple(c.families is not None for c in COLUMNS if c.in_key)
 _KEY_JSON = json.JSONEncoder(ensure_ascii=False).encode  # exactly json.dumps(..., ensure_ascii=False), built once
 
 
-def row_key(row: Row, scheduler: str, model_fingerprint: str) -> int:
-    """A row's identity as a 64-bit integer: its columns that enter the key (COLUMNS), the sampler and the model.
+def row_key(row: Row, scheduler: str, model_fingerprint: str, image_format: str = "") -> int:
+    """A row's identity as a 64-bit integer: its columns that enter the key (COLUMNS), the sampler, the model and
+    how its image is stored (ImageFormat.key: "" for PNG).
 
     A committed row with the same key is the same image; changing any of these makes a new row.
     """
     # A family's own columns are None for other families' rows: left out, their keys stay what they were.
     values = [getattr(row, name) for name in KEY_COLUMNS]
-    payload = _KEY_JSON([v for v, optional in zip(values, OPTIONAL_KEY) if not (optional and v is None)] + [scheduler, model_fingerprint])
+    identity = [scheduler, model_fingerprint] + ([image_format] if image_format else [])  # PNG keys: as before formats
+    payload = _KEY_JSON([v for v, optional in zip(values, OPTIONAL_KEY) if not (optional and v is None)] + identity)
     return int.from_bytes(hashlib.blake2b(payload.encode(), digest_size=8).digest(), "big")
 
 
@@ -378,7 +380,7 @@ def plan_prompt_table(
     defaults: GenerationDefaults,
     size_multiple: int,
     rows_per_shard: int,
-    identity: tuple[str, str] = ("", ""),
+    identity: tuple[str, ...] = ("", ""),
     done_keys: np.ndarray | None = None,
     first_shard: int = 0,
     skip_invalid: bool = False,
@@ -387,10 +389,11 @@ def plan_prompt_table(
 ) -> PromptPlan:
     """Validate every row of the table (control columns only, streamed) and plan the rows still to generate.
 
-    `identity` is (scheduler, model fingerprint), which with each row's values makes its key; rows whose key
-    is in `done_keys` (sorted uint64, from committed shards) are skipped. The rest are cut, in table order, into
-    shards of `rows_per_shard` numbered from `first_shard`. Raises PromptTableError naming the invalid rows,
-    unless `skip_invalid`, where they are listed in the plan and left out. Duplicate ids are always an error.
+    `identity` is row_key's (scheduler, model fingerprint[, ImageFormat.key]), which with each row's values makes
+    its key; rows whose key is in `done_keys` (sorted uint64, from committed shards) are skipped. The rest are cut,
+    in table order, into shards of `rows_per_shard` numbered from `first_shard`. Raises PromptTableError naming the
+    invalid rows, unless `skip_invalid`, where they are listed in the plan and left out. Duplicate ids are always an
+    error.
     `dataset_schema` (committed_schema) is the schema of the output's shards, which the table must keep.
     """
     pf, version = _open_versioned(url, storage_options)

@@ -11,7 +11,7 @@ import fsspec
 from nodes.dataset.commit import Committed
 from nodes.dataset.ingest import PromptPlan
 from nodes.dataset.store import DATASET_FORMAT, write_file
-from nodes.params import GenerationDefaults
+from nodes.params import GenerationDefaults, ImageFormat
 from nodes.pipeline.components import ModelInfo
 
 MANIFEST = "manifest.json"  # under OUT, written last
@@ -41,6 +41,7 @@ def build_manifest(
     committed: Committed,
     written: list[dict],
     timings: dict,
+    image: ImageFormat = ImageFormat(),
 ) -> dict:
     """The dataset's record after a run: `committed` is every shard in OUT, `written` those this run committed."""
     in_dataset = set(committed.keys.tolist())
@@ -62,6 +63,9 @@ def build_manifest(
             "model_fingerprint": info.fingerprint,
             "device": device,
             "dtype": dtype,
+            "image_format": image.name,
+            "image_quality": image.quality,  # None: lossless (PNG, WebP without a quality)
+            "image_lossless": image.lossless,
         },
         "versions": software_versions(),
         "rows": {

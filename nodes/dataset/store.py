@@ -1,4 +1,4 @@
-"""Storage: PNG encoding with AUTOMATIC1111 infotext, Parquet shards that `datasets` decodes, whole-file writes, the output location.
+"""Storage: image encoding (PNG, WebP, JPEG) with AUTOMATIC1111 infotext, Parquet shards that `datasets` decodes, whole-file writes, the output location.
 
 Layout of an output dataset (local folder or any fsspec URL):
     OUT/data/part-NNNNN-ATTEMPT.parquet   one shard per chunk of prompt-table rows; a plain glob of data/ is the dataset
@@ -22,15 +22,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
-from PIL import Image, PngImagePlugin
+from PIL import ExifTags, Image, PngImagePlugin
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from nodes.errors import StorageError
+from nodes.errors import SdflowError, StorageError
 from nodes.faults import crash_point
-from nodes.params import COLUMNS, SAMPLERS, Row
+from nodes.params import COLUMNS, SAMPLERS, ImageFormat, Row
 
-ROW_GROUP_ROWS = 64  # rows per Parquet row group: a few MB of 512px PNGs, what `datasets` streams by
+ROW_GROUP_ROWS = 64  # rows per Parquet row group: a few MB of 512px images, what `datasets` streams by
 PNG_COMPRESS_LEVEL = 6  # zlib level; PNG is lossless at every level, lower only trades size for speed
 
 # Line breaks as Python's str.splitlines sees them: A1111 splits infotext on "\n" only, other readers on any of these.
@@ -91,10 +91,67 @@ def encode_png(pixels: np.ndarray, parameters: str) -> bytes:
     return buffer.getvalue()
 
 
-def encode_pngs(images, rows: list[Row], scheduler: str, model: str, version: str) -> dict[int, bytes]:
-    """PNG bytes for a batch of images (B, H, W, 3) uint8, keyed by row position."""
+# EXIF UserComment's character-code prefix for UTF-16 text, as piexif.helper.UserComment.dump(text, encoding="unicode")
+# writes it for AUTOMATIC1111: 8 bytes "UNICODE\0", then the text in UTF-16 big-endian.
+UNICODE_COMMENT = b"UNICODE\x00"
+
+
+def infotext_exif(parameters: str) -> Image.Exif:
+    """EXIF holding only `parameters`, in the Exif IFD's UserComment, where AUTOMATIC1111 puts a JPEG's or WebP's infotext.
+
+    No Orientation tag: `datasets` would transpose an image that had one.
+    """
+    exif = Image.Exif()
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = UNICODE_COMMENT + parameters.encode("utf-16-be")
+    return exif
+
+
+def encode_image(pixels: np.ndarray, parameters: str, image: ImageFormat = ImageFormat()) -> bytes:
+    """An (H, W, 3) uint8 array as `image` says, with `parameters` where the format allows: PNG's text chunk,
+    else EXIF UserComment (infotext_exif). WebP is lossless without a quality; JPEG is 4:2:0, Pillow's default.
+
+    Raises ValueError("EXIF data is too long") for JPEG when the infotext exceeds the 64 KB of a JPEG marker.
+    """
+    if image.name == "png":
+        return encode_png(pixels, parameters)
+    options = {"lossless": True} if image.lossless else {"quality": image.quality}
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format=image.name.upper(), exif=infotext_exif(parameters), **options)
+    return buffer.getvalue()
+
+
+def encode_images(
+    images, rows: list[Row], scheduler: str, model: str, version: str, image: ImageFormat = ImageFormat()
+) -> dict[int, bytes]:
+    """Encoded images (encode_image) for a batch of images (B, H, W, 3) uint8, keyed by row position."""
     pixels = np.asarray(images)
-    return {r.position: encode_png(pixels[i], infotext(r, scheduler, model, version)) for i, r in enumerate(rows)}
+    encoded = {}
+    for i, row in enumerate(rows):
+        parameters = infotext(row, scheduler, model, version)
+        try:
+            encoded[row.position] = encode_image(pixels[i], parameters, image)
+        except ValueError as e:
+            if image.name != "jpeg" or "EXIF" not in str(e):
+                raise
+            raise SdflowError(
+                f"row {row.id!r}: its infotext ({len(parameters)} characters) does not fit in a JPEG's EXIF, which "
+                "holds about 32,000 characters of UTF-16 text; shorten its prompts, or use --image-format webp or png."
+            ) from None
+    return encoded
+
+
+def image_parameters(data: bytes) -> str | None:
+    """The infotext stored in an encoded image: PNG's `parameters` text chunk, or a JPEG's or WebP's EXIF UserComment
+    (read as AUTOMATIC1111 reads it: UTF-16 big-endian after "UNICODE\\0"); None if it holds none."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.format == "PNG":
+            return image.text.get("parameters")
+        comment = image.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
+    if comment is None:
+        return None
+    if comment.startswith(UNICODE_COMMENT):
+        return comment[len(UNICODE_COMMENT):].decode("utf-16-be")
+    return comment[8:].decode("utf-8", errors="replace")  # another character code (ASCII, undefined): its text as UTF-8
 
 
 def loadable_type(dtype: pa.DataType) -> pa.DataType:
@@ -156,9 +213,12 @@ def huggingface_metadata(schema: pa.Schema) -> dict[bytes, bytes]:
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
-def shard_table(rows: list[Row], pngs: dict[int, bytes], carried: pa.Table, scheduler: str, model: str) -> pa.Table:
-    """The output rows of one shard, in prompt-table order: image, parameters, then carried columns."""
-    images = pa.array([{"bytes": pngs[r.position], "path": None} for r in rows], type=IMAGE_TYPE)
+def shard_table(rows: list[Row], encoded: dict[int, bytes], carried: pa.Table, scheduler: str, model: str) -> pa.Table:
+    """The output rows of one shard, in prompt-table order: image, parameters, then carried columns.
+
+    An image's `path` stays None: `datasets` decodes `bytes` with PIL, which reads the format from the bytes.
+    """
+    images = pa.array([{"bytes": encoded[r.position], "path": None} for r in rows], type=IMAGE_TYPE)
     columns = {"image": images}
     for column in COLUMNS:
         values = [getattr(r, column.name) for r in rows]
@@ -437,8 +497,8 @@ def read_dataset_file(fs: fsspec.AbstractFileSystem, root: str, file: str, colum
 
 
 def decode_images(column: pa.ChunkedArray | pa.Array) -> list[Image.Image]:
-    """The PIL images of an `image` column (structs of PNG bytes and path), lazily decoded."""
-    return [Image.open(io.BytesIO(png)) for png in pa.chunked_array([column]).combine_chunks().field("bytes").to_pylist()]
+    """The PIL images of an `image` column (structs of encoded bytes and path), lazily decoded."""
+    return [Image.open(io.BytesIO(data)) for data in pa.chunked_array([column]).combine_chunks().field("bytes").to_pylist()]
 
 
-encode_pngs_task = task(encode_pngs, name="encode-pngs", cache_policy=NO_CACHE, persist_result=False)
+encode_images_task = task(encode_images, name="encode-images", cache_policy=NO_CACHE, persist_result=False)
