@@ -123,11 +123,13 @@ def configure_logging(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
         os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
-        # The flow run's and task runs' own records still reach the API (the UI's Logs tab) at INFO: these two
-        # loggers carry Prefect's API handler, and QuietConsole keeps them off the console. Set in the
-        # environment, the levels survive Prefect's later reconfigurations of its loggers.
-        for name in ("FLOW_RUNS", "TASK_RUNS"):
-            os.environ.setdefault(f"PREFECT_LOGGING_LOGGERS_PREFECT_{name}_LEVEL", "INFO")
+        # The flow run's own records still reach the API (the UI's Logs tab) at INFO, the task runs' from
+        # WARNING: each task run's INFO is "Finished in state Completed()", one per stage per batch, which the UI
+        # shows as the run's state anyway and which would bury sdflow's records. These loggers carry Prefect's
+        # API handler; QuietConsole keeps them off the console. Set in the environment, the levels survive
+        # Prefect's later reconfigurations of its loggers.
+        os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "INFO")
+        os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
     # Prefect warns at import when it cannot make PREFECT_HOME, in two raw lines; sdflow's own error says it in
     # one paragraph, with the fix, when the temporary server needs it.
     warnings.filterwarnings("ignore", message="Failed to create the Prefect home")

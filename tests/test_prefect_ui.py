@@ -65,11 +65,11 @@ def test_console_stays_quiet_while_sdflows_messages_reach_the_runs_logs(quiet_ru
     ], records
     # The summary, in the flow run itself, just before Prefect's last word on it.
     flow_records = [r[3] for r in records if r[0] == "flow run"]
+    assert flow_records[0].startswith("Beginning flow run"), flow_records
     assert flow_records[-2] == lines[1].removeprefix("sdflow: "), flow_records
     assert flow_records[-1] == "Finished in state Completed()"
-    # Prefect's own INFO records of the task runs.
-    finished = {r[0] for r in records if r[1] == "prefect.task_runs" and r[3] == "Finished in state Completed()"}
-    assert finished == set(task_names.values())
+    # Not Prefect's INFO record of every task run ("Finished in state Completed()"): the UI shows their states.
+    assert not [r for r in records if r[1] == "prefect.task_runs" and r[2] < 30], records
 
 
 def test_task_runs_are_named_by_shard_and_batch(quiet_run):
