@@ -146,6 +146,7 @@ def configure_logging(verbose: bool) -> None:
 
 
 def in_a_run(record: logging.LogRecord) -> bool:
+    """Whether `record` was made in a flow or task run (a logging filter)."""
     from prefect.context import FlowRunContext, TaskRunContext
 
     return bool(FlowRunContext.get() or TaskRunContext.get())
@@ -304,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "worker":
         log_runs_to_api()
-        quiet = QuietConsole() if not args.verbose else None  # its task runs log at INFO, for the API only
+        quiet = QuietConsole() if not args.verbose else None  # Prefect's records of its task runs: for the API only
         try:
             return serve_worker(args)
         finally:

@@ -22,7 +22,6 @@ from nodes.pipeline.encode import encode_prompts_task
 from nodes.pipeline.latents import prepare_latents_task
 
 
-
 def batch_task(stage_task):
     """`stage_task` with each run named by the batch it works on (denoise-shard-00003-batch-02), not a random suffix."""
 
