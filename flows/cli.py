@@ -127,6 +127,13 @@ def configure_logging(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
         os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
+        # The flow run's own records still reach the API (the UI's Logs tab) at INFO, the task runs' from
+        # WARNING: each task run's INFO is "Finished in state Completed()", one per stage per batch, which the UI
+        # shows as the run's state anyway and which would bury sdflow's records. These loggers carry Prefect's
+        # API handler; QuietConsole keeps them off the console. Set in the environment, the levels survive
+        # Prefect's later reconfigurations of its loggers.
+        os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "INFO")
+        os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
     # Prefect warns at import when it cannot make PREFECT_HOME, in two raw lines; sdflow's own error says it in
     # one paragraph, with the fix, when the temporary server needs it.
     warnings.filterwarnings("ignore", message="Failed to create the Prefect home")
@@ -136,9 +143,34 @@ def configure_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(PrintableFormatter("sdflow: %(levelname)s: %(message)s"))
     handler.sdflow_cli = True
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
     log.addHandler(handler)
-    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    log.setLevel(logging.INFO)  # INFO goes to the API (log_runs_to_api), the console shows warnings unless -v
     log.propagate = False
+
+
+def in_a_run(record: logging.LogRecord) -> bool:
+    """Whether `record` was made in a flow or task run (a logging filter)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return bool(FlowRunContext.get() or TaskRunContext.get())
+
+
+def log_runs_to_api() -> None:
+    """sdflow's records logged inside a flow or task run also go to that run's logs on the Prefect API (the UI).
+
+    Prefect's own API handler, limited to records made in a run: outside one it has no run to file them under,
+    and would warn about each on the console.
+    """
+    from prefect.logging.handlers import APILogHandler
+
+    log = logging.getLogger("sdflow")
+    if any(getattr(h, "sdflow_api", False) for h in log.handlers):
+        return
+    handler = APILogHandler()
+    handler.addFilter(in_a_run)
+    handler.sdflow_api = True
+    log.addHandler(handler)
 
 
 class QuietConsole(logging.Filter):
@@ -209,27 +241,6 @@ def say(text: str) -> None:
 def fail(message: str, code: int) -> int:
     say(fail_text(message))
     return code
-
-
-def summary(manifest: dict, out: str) -> str:
-    rows, timings = manifest["rows"], manifest["timings"]
-    text = (
-        f"sdflow: wrote {rows['generated']} images in {len(manifest['shards_written'])} shard(s) to {out} "
-        f"in {timings['seconds']:.1f} s ({timings['images_per_second']:.2f} images/s while generating, "
-        f"model loaded in {timings['model_load_seconds']:.1f} s)."
-    )
-    if rows["already_done"]:
-        text += f" {rows['already_done']} row(s) were already done."
-    if rows["stale"]:
-        text += (
-            f" {rows['stale']} row(s) from earlier runs with other parameters or another model stay in the dataset"
-            " beside the new ones (counted as stale in the manifest)."
-        )
-    if rows["invalid"]:
-        text += f" {rows['invalid']} invalid row(s) were skipped: see {out}/manifest.json."
-    if rows["failed"]:
-        text += f" {rows['failed']} row(s) failed (see failed_rows in {out}/manifest.json); a rerun tries them again."
-    return text
 
 
 def evaluation_summary(result: dict, out: str) -> str:
@@ -310,7 +321,13 @@ def run(args: argparse.Namespace) -> int:
     from nodes.errors import SdflowError
 
     if args.command == "worker":
-        return serve_worker(args)
+        log_runs_to_api()
+        quiet = QuietConsole() if not args.verbose else None  # Prefect's records of its task runs: for the API only
+        try:
+            return serve_worker(args)
+        finally:
+            if quiet:
+                quiet.close()
     quiet = None
     _lost.clear()
     try:
@@ -324,6 +341,7 @@ def run(args: argparse.Namespace) -> int:
                 " is out of every worker's reach."
             )
         quiet = QuietConsole() if not args.verbose else None
+        log_runs_to_api()
         from flows.server import start_temporary_server
 
         server = start_temporary_server()
@@ -338,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
                 result = evaluate_dataset(out=args.out, model=args.model, sheet_rows=args.sheet_rows)
                 message = evaluation_summary(result, args.out)
             else:
-                message = summary(generate(args, server), args.out)
+                message = generate(args, server)
     except BaseException as e:
         if _lost:
             return fail(_lost.pop(), EXIT_BUG)
@@ -359,15 +377,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def generate(args: argparse.Namespace, server) -> dict:
-    from flows.generate import generate_dataset
+def generate(args: argparse.Namespace, server) -> str:
+    """Run the generation flow; returns its summary line."""
+    from flows.generate import generate_dataset, summary
 
     if server:
         from nodes.pipeline.components import import_model_classes
 
         import_model_classes()  # while the server boots, not after
         server.wait()
-    return generate_dataset(
+    manifest = generate_dataset(
         prompts=example_prompts() if args.prompts == "example" else args.prompts,
         out=args.out,
         model=args.model,
@@ -391,6 +410,25 @@ def generate(args: argparse.Namespace, server) -> dict:
         image_format=args.image_format,
         image_quality=args.quality,
     )
+    return f"sdflow: {summary(manifest, args.out)}"
+
+
+def flush_to_api() -> None:
+    """Send the log records and events Prefect still holds, while the temporary server runs.
+
+    Prefect drains them in threading's exit hooks, which the command's quick exit skips: the last 2 s of logs
+    (its batch interval), the flow run's last records and the summary among them, would never arrive.
+    """
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=5)
+        except Exception:  # a server already gone: nothing more to tell it
+            pass
 
 
 def entry() -> None:
@@ -398,7 +436,7 @@ def entry() -> None:
 
     Tearing down an interpreter that holds torch, diffusers and Prefect takes seconds (measured 3.5 s here)
     and does nothing useful once the flow has finished: every file is written and closed, and Prefect's
-    exit handlers (flushing logs and events, stopping its temporary server) run here first. So exit
+    logs and events are sent and its exit handlers (stopping the temporary server) run here first. So exit
     without the teardown.
     """
     global _as_command
@@ -408,6 +446,7 @@ def entry() -> None:
     # server's stop among them), nor print a traceback from them; they take a few seconds at most.
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    flush_to_api()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import torch
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from flows.artifacts import ShardReport, publish_contact_sheet
 from flows.fanout import fan_out, shard_requests, used_shard_indices
@@ -91,6 +91,28 @@ def finalize(job: Job, parameters: dict, plan: PromptPlan, written: list[dict], 
     return manifest
 
 
+def summary(manifest: dict, out: str) -> str:
+    """What a run did, in one line: the CLI's last words and the flow run's last log record."""
+    rows, timings = manifest["rows"], manifest["timings"]
+    text = (
+        f"wrote {rows['generated']} images in {len(manifest['shards_written'])} shard(s) to {out} "
+        f"in {timings['seconds']:.1f} s ({timings['images_per_second']:.2f} images/s while generating, "
+        f"model loaded in {timings['model_load_seconds']:.1f} s)."
+    )
+    if rows["already_done"]:
+        text += f" {rows['already_done']} row(s) were already done."
+    if rows["stale"]:
+        text += (
+            f" {rows['stale']} row(s) from earlier runs with other parameters or another model stay in the dataset"
+            " beside the new ones (counted as stale in the manifest)."
+        )
+    if rows["invalid"]:
+        text += f" {rows['invalid']} invalid row(s) were skipped: see {out}/manifest.json."
+    if rows["failed"]:
+        text += f" {rows['failed']} row(s) failed (see failed_rows in {out}/manifest.json); a rerun tries them again."
+    return text
+
+
 @flow(name="generate-dataset")
 def generate_dataset(
     prompts: str,
@@ -146,4 +168,6 @@ def generate_dataset(
         generate_shards(components, plan, job.defaults, job.run, job.fs, job.root, report.committed)
     report.publish()
 
-    return finalize(job, parameters, plan, report.markers, run_timings(started, generation_started, load_seconds, report.markers))
+    manifest = finalize(job, parameters, plan, report.markers, run_timings(started, generation_started, load_seconds, report.markers))
+    get_run_logger().info(summary(manifest, out))
+    return manifest

@@ -14,15 +14,30 @@ from nodes.dataset.ingest import PromptPlan, iter_shard_rows
 from nodes.dataset.manifest import package_version, software_versions
 from nodes.dataset.store import encode_images_task
 from nodes.params import GenerationDefaults, RunConfig
-from nodes.pipeline.batch import RunProgress, Stages, generate_shard_images
+from nodes.pipeline.batch import CURRENT_BATCH, RunProgress, Stages, generate_shard_images
 from nodes.pipeline.components import model_loads
 from nodes.pipeline.decode import decode_latents_task
 from nodes.pipeline.denoise import denoise_task
 from nodes.pipeline.encode import encode_prompts_task
 from nodes.pipeline.latents import prepare_latents_task
 
-# The engine's stages as task runs: each stage of each batch is visible in Prefect.
-TASK_STAGES = Stages(encode_prompts_task, prepare_latents_task, denoise_task, decode_latents_task)
+
+def batch_task(stage_task):
+    """`stage_task` with each run named by the batch it works on (denoise-shard-00003-batch-02), not a random suffix."""
+
+    def run_name() -> str:
+        place = CURRENT_BATCH.get()
+        if place is None or place.shard is None:
+            return stage_task.name
+        return f"{stage_task.name}-shard-{place.shard:05d}-batch-{place.batch:02d}"
+
+    return stage_task.with_options(task_run_name=run_name)
+
+
+# The engine's stages as task runs: each stage of each batch is visible in Prefect, by shard and batch.
+TASK_STAGES = Stages(*map(batch_task, (encode_prompts_task, prepare_latents_task, denoise_task, decode_latents_task)))
+ENCODE_IMAGES = batch_task(encode_images_task)
+WRITE_SHARD = write_shard_task.with_options(task_run_name="write-shard-{index:05d}")
 
 
 def image_encoder(components, run: RunConfig):
@@ -30,7 +45,7 @@ def image_encoder(components, run: RunConfig):
     task, in the thread pool, so that it overlaps the next batch; returns its future."""
     release = package_version("sdflow")
     model = components.info.ref
-    return lambda rows, images: encode_images_task.submit(images, rows, run.sampler, model, release, run.image)
+    return lambda rows, images: ENCODE_IMAGES.submit(images, rows, run.sampler, model, release, run.image)
 
 
 def worker_id() -> str:
@@ -68,12 +83,12 @@ def generate_shards(
         started = time.perf_counter()
         encoded, failed = generate_shard_images(
             components, rows, run, encode_images, encoding, lambda batch, failed: bar.update(len(batch)), stages=TASK_STAGES,
-            progress=progress,
+            progress=progress, shard=shard.index,
         )
         failures = shard_failures(rows, keys, failed)
         stats = {**extra, **shard_stats(started, len(rows))}
         writing.append(
-            write_shard_task.submit(fs, root, shard.index, rows, keys, encoded, carried, run.sampler, info.ref, failures, stats)
+            WRITE_SHARD.submit(fs, root, shard.index, rows, keys, encoded, carried, run.sampler, info.ref, failures, stats)
         )
         while len(writing) > 1:
             on_committed(writing.popleft().result())

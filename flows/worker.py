@@ -99,7 +99,8 @@ def run_shard(request: ShardRequest) -> dict:
         return concurrency(device_limit_name(device), occupy=1, strict=False, lease_duration=DEVICE_LEASE_S)
 
     encoded, failed = generate_shard_images(
-        components, request.rows, run, image_encoder(components, run), deque(), on_batch, device_slot, TASK_STAGES
+        components, request.rows, run, image_encoder(components, run), deque(), on_batch, device_slot, TASK_STAGES,
+        shard=request.shard.index,
     )
     extra = {**marker_extra(run, device), **shard_stats(started, total)}
     rows, keys = request.rows, request.keys

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from contextlib import nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,6 +31,18 @@ class RunProgress:
     """Shared by a run's shards: whether any row of the run has come out yet."""
 
     produced: bool = False
+
+
+@dataclass(frozen=True)
+class BatchPlace:
+    """Which batch the engine is working on: for labelling its work (the flows name task runs by it)."""
+
+    shard: int | None  # the shard's index, as the caller gave it
+    batch: int  # the batch's number within the shard, from 0
+
+
+# Set by generate_shard_images while a batch runs, in the thread that runs it (and so in the tasks it submits).
+CURRENT_BATCH: ContextVar[BatchPlace | None] = ContextVar("sdflow_current_batch", default=None)
 
 
 @dataclass(frozen=True)
@@ -132,6 +145,7 @@ def generate_shard_images(
     device_slot: Callable = nullcontext,
     stages: Stages = Stages(),
     progress: RunProgress | None = None,
+    shard: int | None = None,
 ) -> tuple[list, dict[int, str]]:
     """Generate one shard's rows batch by batch; returns its encoded-image futures (one per batch) and its failed rows.
 
@@ -140,29 +154,34 @@ def generate_shard_images(
     shards), so memory stays bounded. `device_slot()` is held while a batch runs on the device (a per-device
     concurrency slot on GPU workers); `on_batch(rows, failed so far)` follows each batch. Until a row of the
     shard (or, given `progress` shared across shards, of the run) comes out, rows failing the same way stop the
-    run (check_not_the_runs_failure).
+    run (check_not_the_runs_failure). While a batch runs, CURRENT_BATCH says which: `shard` (the caller's index for
+    these rows) and the batch's number.
     """
     progress = progress or RunProgress()
     futures = []
     failed: dict[int, str] = {}
     tried: list[Row] | None = None if progress.produced else []  # the rows tried before any came out
-    for batch in make_batches(rows, run.batch_size):
-        with device_slot():
-            outputs = list(generate_batch(components, run.scheduler, batch, failed, stages))
-        if tried is not None:
-            tried += batch
-            if outputs:
-                tried, progress.produced = None, True
-            else:
-                check_not_the_runs_failure(tried, failed)
-        for row in batch:
-            if row.position in failed:
-                log.warning("row %r failed: %s", row.id, failed[row.position])
-        for done, images in outputs:
-            while len(encoding) >= run.batches_in_flight:
-                encoding.popleft().wait()
-            encoding.append(encode_images(done, images))
-            futures.append(encoding[-1])
+    for number, batch in enumerate(make_batches(rows, run.batch_size)):
+        place = CURRENT_BATCH.set(BatchPlace(shard, number))
+        try:
+            with device_slot():
+                outputs = list(generate_batch(components, run.scheduler, batch, failed, stages))
+            if tried is not None:
+                tried += batch
+                if outputs:
+                    tried, progress.produced = None, True
+                else:
+                    check_not_the_runs_failure(tried, failed)
+            for row in batch:
+                if row.position in failed:
+                    log.warning("row %r failed: %s", row.id, failed[row.position])
+            for done, images in outputs:
+                while len(encoding) >= run.batches_in_flight:
+                    encoding.popleft().wait()
+                encoding.append(encode_images(done, images))
+                futures.append(encoding[-1])
+        finally:
+            CURRENT_BATCH.reset(place)
         if on_batch:
             on_batch(batch, failed)
     return futures, failed
