@@ -21,7 +21,7 @@ def quiet_run(prefect_api, tiny_model, tmp_path_factory):
     """`sdflow generate` as a user runs it (a fresh process, no -v), logging to the API; its stderr, flow run, logs, task runs."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
-    from prefect.client.schemas.sorting import LogSort
+    from prefect.client.schemas.sorting import FlowRunSort, LogSort
 
     root = tmp_path_factory.mktemp("quiet-run")
     table = write_table(root / "t.parquet", ROWS)
@@ -35,7 +35,9 @@ def quiet_run(prefect_api, tiny_model, tmp_path_factory):
     )
     assert done.returncode == 0, done.stderr
     with get_client(sync_client=True) as client:
-        run = next(r for r in client.read_flow_runs(limit=50) if r.parameters.get("out") == out)
+        # The session's server holds every test's runs: look among the newest.
+        recent = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=20)
+        run = next(r for r in recent if r.parameters.get("out") == out)
         runs = FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
         for _ in range(100):  # the server records task runs from their events, a moment after they arrive
             tasks = client.read_task_runs(flow_run_filter=runs)
