@@ -135,8 +135,8 @@ def run_stage(args) -> dict:
     import numpy as np
     import pyarrow as pa
     
-    from nodes.dataset.ingest import CONTROL_COLUMNS, iter_shard_rows, open_prompt_table, plan_prompt_table
-    from nodes.params import GenerationDefaults
+    from nodes.dataset.ingest import iter_shard_rows, open_prompt_table, plan_prompt_table
+    from nodes.params import COLUMN_NAMES, GenerationDefaults
 
     url = str(args.table)
     defaults = GenerationDefaults(steps=20, guidance_scale=7.5, width=512, height=512, negative_prompt="", seed=0)
@@ -172,7 +172,7 @@ def run_stage(args) -> dict:
         result.update(shards=len(plan.shards), rows_streamed=rows)
     else:
         pf = open_prompt_table(url)  # through fsspec, as planning reads it (a local path read directly buffers more)
-        columns = [c for c in CONTROL_COLUMNS if c in pf.schema_arrow.names] if args.stage == "scan-control" else None
+        columns = [c for c in COLUMN_NAMES if c in pf.schema_arrow.names] if args.stage == "scan-control" else None
         rows = sum(b.num_rows for b in pf.iter_batches(batch_size=65_536, columns=columns))
 
     seconds = time.perf_counter() - started
