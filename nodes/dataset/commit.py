@@ -255,8 +255,8 @@ def _read_newest_index(fs: fsspec.AbstractFileSystem, root: str, stamps: dict[in
         return None
     number = max(found)
     path = found[number][0]
-    try:
-        with np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False) as data:
+    try:  # from the open file, not its bytes in memory: at ten million rows the keys alone are 80 MB
+        with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
             index = {name: data[name] for name in INDEX_ARRAYS}
     except (FileNotFoundError, ValueError, KeyError, OSError, zipfile.BadZipFile):
         return None
