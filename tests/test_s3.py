@@ -429,7 +429,7 @@ def test_credentials_appear_in_no_output_log_or_parameter(s3, s3_env, prefect_ap
     assert sentinel not in run.stdout + run.stderr
     s3.invalidate_cache()
     objects = s3.find(f"{BUCKET}/secret-out")
-    assert len(objects) == 4  # manifest, one shard, its marker, the contact sheet
+    assert len(objects) == 5  # manifest, one shard, its marker, the index, the contact sheet
     for key in objects:
         assert sentinel.encode() not in s3.cat_file(key), key
     with get_client(sync_client=True) as client:
