@@ -64,7 +64,7 @@ def evaluate_dataset(out: str, model: str | None = None, sheet_rows: int = SHEET
         raise SdflowError(f"--sheet-rows must be at least 1, not {sheet_rows}.")
     storage_options = storage_options_from_env()
     fs, root = open_output(out, storage_options)
-    markers = [m for m in read_committed(fs, root).markers if m["file"]]
+    markers = [m for m in read_committed(fs, root).shards if m["file"]]
     if not markers:
         raise SdflowError(f"{out} holds no generated images (no committed shards under {out}/_shards); run `sdflow generate` first.")
     info = inspect_model(model, storage_options)

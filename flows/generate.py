@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 from flows.artifacts import ShardReport, publish_contact_sheet
 from flows.fanout import fan_out, shard_requests, used_shard_indices
 from flows.shards import generate_shards
-from nodes.dataset.commit import Committed, clean_uncommitted, read_committed
+from nodes.dataset.commit import Committed, clean_uncommitted, read_committed, write_index
 from nodes.dataset.ingest import PromptPlan, committed_schema, plan_prompt_table_task, resolve_defaults
 from nodes.dataset.manifest import build_manifest, write_manifest
 from nodes.dataset.sheet import CONTACT_SHEET, SHEET_ROWS, contact_sheet, first_images
@@ -73,20 +73,23 @@ def run_timings(started: float, generation_started: float, load_seconds: float, 
 
 
 def finalize(job: Job, parameters: dict, plan: PromptPlan, written: list[dict], timings: dict) -> dict:
-    """Clean what killed attempts left, then write the contact sheet and, last, the manifest."""
+    """Index the committed rows, clean what killed attempts left, then write the contact sheet and, last, the manifest."""
     committed = read_committed(job.fs, job.root)
-    clean_uncommitted(job.fs, job.root, committed.files, job.started)
+    index = write_index(job.fs, job.root, committed)
+    clean_uncommitted(job.fs, job.root, committed.files, job.started, index)
     dtype = str(job.dtype).removeprefix("torch.")
     manifest = build_manifest(
         parameters, job.defaults, job.info, str(job.device), dtype, plan, committed, written, timings, job.run.image
     )
     if committed.files:
-        images, captions = first_images(job.fs, job.root, committed.markers, SHEET_ROWS)
+        images, captions = first_images(job.fs, job.root, committed.shards, SHEET_ROWS)
         header = f"# {parameters['out']}\n\n{manifest['rows']['in_dataset']} images; the first {len(images)}:\n"
         sheet = contact_sheet(images, captions)
         description = f"the dataset's first {len(images)} images and their prompts"
         publish_contact_sheet(job.fs, f"{job.root}/{CONTACT_SHEET}", sheet, "sdflow-contact-sheet", header, description)
         manifest["contact_sheet"] = CONTACT_SHEET
+    if index:
+        manifest["index"] = index
     write_manifest(job.fs, job.root, manifest)
     return manifest
 
@@ -155,7 +158,7 @@ def generate_dataset(
         prompts, job.defaults, job.info.size_multiple, shard_size,
         identity=(job.run.sampler, job.info.fingerprint, job.run.image.key),  # the image format: "" for PNG (row_key)
         done_keys=job.committed.keys, first_shard=first_shard, skip_invalid=skip_invalid,
-        storage_options=job.run.storage_options, dataset_schema=committed_schema(job.fs, job.root, job.committed.markers, out),
+        storage_options=job.run.storage_options, dataset_schema=committed_schema(job.fs, job.root, job.committed.shards, out),
     )
 
     report = ShardReport(plan, job.fs, job.root)

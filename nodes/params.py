@@ -14,7 +14,9 @@ from decimal import Decimal
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 MAX_STEPS = 1000  # the training schedule's length: schedulers cannot take more inference steps
 MAX_SIDE = 4096  # pixels; larger sides are refused as almost certainly a mistake in the table
@@ -158,6 +160,10 @@ class Column:
     families: tuple[str, ...] | None = None  # the model families that read it (None: all); for others it stays None,
     # enters no key and is not written, so adding a family's column changes nothing for the others
     neutral: Any = REQUIRED  # its value in a Row built without it (a family's columns: None), so rows stay easy to write
+    # `check` over a whole column, for planning at table scale: (values, size multiple) -> a bool mask of the values
+    # it accepts. Given an int64/uint64 NumPy array for integer columns, an Arrow string array for text (nulls: any
+    # answer). None: `check` is called per distinct value or per row. Must agree with `check` value for value.
+    check_array: Callable[[Any, int], np.ndarray] | None = None
 
 
 def is_blank(text: str) -> bool:
@@ -170,26 +176,58 @@ def _prompt(value, _m):
     return value if isinstance(value, str) and not is_blank(value) else None
 
 
+def _prompt_array(values: pa.Array, m: int) -> np.ndarray:
+    """_prompt over a string array: a prompt holding a printable ASCII character is not blank; others are checked one by one."""
+    accepted = pc.fill_null(pc.match_substring_regex(values, "[!-~]"), False).to_numpy(zero_copy_only=False).copy()
+    for i in np.flatnonzero(~accepted).tolist():
+        accepted[i] = _prompt(values[i].as_py(), m) is not None
+    return accepted
+
+
+def _any_value(values, _m) -> np.ndarray:
+    return np.ones(len(values), dtype=bool)
+
+
+def _whole_numbers(low: int, high: int) -> Callable[[np.ndarray, int], np.ndarray]:
+    """whole_number(v, low, high) over an integer array."""
+    return lambda a, _m: (a >= low) & (a <= high)
+
+
+def _image_sides(a: np.ndarray, m: int) -> np.ndarray:
+    """image_side over an integer array."""
+    return (a >= m) & (a <= MAX_SIDE) & (a % m == 0)
+
+
 # The prompt table's columns that sdflow reads, in the order of Row's fields and of the row key; every other
 # column of the table is carried through to the dataset untouched.
 COLUMNS: tuple[Column, ...] = (
-    Column("id", object, "id", None, lambda v, m: v, "must not be null"),
-    Column("prompt", str, "text", pa.string(), _prompt, "must be a non-empty string (not only spaces, invisible or control characters)"),
-    Column("negative_prompt", str, "text", pa.string(), lambda v, m: v, "", lambda d, r: d.negative_prompt),
+    Column("id", object, "id", None, lambda v, m: v, "must not be null", check_array=_any_value),
+    Column(
+        "prompt", str, "text", pa.string(), _prompt, "must be a non-empty string (not only spaces, invisible or control characters)",
+        check_array=_prompt_array,
+    ),
+    Column("negative_prompt", str, "text", pa.string(), lambda v, m: v, "", lambda d, r: d.negative_prompt, check_array=_any_value),
     Column(
         "seed", int, "integer", pa.int64(), lambda v, m: whole_number(v, 0, MAX_SEED),
         f"must be a whole number from 0 to {MAX_SEED}", lambda d, r: derive_seed(d.seed, r["id"]),
+        check_array=_whole_numbers(0, MAX_SEED),
     ),
     Column(
         "steps", int, "integer", pa.int32(), lambda v, m: whole_number(v, 1, MAX_STEPS),
-        f"must be a whole number from 1 to {MAX_STEPS}", lambda d, r: d.steps,
+        f"must be a whole number from 1 to {MAX_STEPS}", lambda d, r: d.steps, check_array=_whole_numbers(1, MAX_STEPS),
     ),
     Column(
         "guidance_scale", float, "number", pa.float64(), lambda v, m: finite_number(v), "must be a finite number",
         lambda d, r: d.guidance_scale,
     ),
-    Column("width", int, "integer", pa.int32(), image_side, "must be a multiple of {m} from {m} to %d" % MAX_SIDE, lambda d, r: d.width),
-    Column("height", int, "integer", pa.int32(), image_side, "must be a multiple of {m} from {m} to %d" % MAX_SIDE, lambda d, r: d.height),
+    Column(
+        "width", int, "integer", pa.int32(), image_side, "must be a multiple of {m} from {m} to %d" % MAX_SIDE, lambda d, r: d.width,
+        check_array=_image_sides,
+    ),
+    Column(
+        "height", int, "integer", pa.int32(), image_side, "must be a multiple of {m} from {m} to %d" % MAX_SIDE, lambda d, r: d.height,
+        check_array=_image_sides,
+    ),
     # Rescales guided noise predictions towards the text prediction's spread (Lin et al. 2023, as diffusers'
     # rescale_noise_cfg); v-prediction models (SD 2.x) are commonly run at 0.7.
     Column(

@@ -180,7 +180,8 @@ def test_ids_cannot_steer_where_files_go(prefect_api, tiny_model, tmp_path, caps
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     written = [re.sub(r"-[0-9a-f]{32}(?=\.parquet$)", "", w) for w in written]  # the attempt's own data file
     assert written == [
-        "out/_shards/00000.json", "out/contact_sheet.png", "out/data/part-00000.parquet", "out/manifest.json", "t.parquet"
+        "out/_index/00000.npz", "out/_shards/00000.json", "out/contact_sheet.png", "out/data/part-00000.parquet",
+        "out/manifest.json", "t.parquet",
     ]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import decimal
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,8 +13,10 @@ from nodes.errors import PromptTableError
 from nodes.dataset.ingest import (
     iter_row_chunks,
     iter_shard_rows,
+    key_rows,
     plan_prompt_table,
     resolve_defaults,
+    resolve_rows,
     row_key,
 )
 from nodes.pipeline.components import inspect_model
@@ -226,3 +230,87 @@ def test_a_large_row_group_is_read_in_pieces_not_whole(tmp_path, monkeypatch):
     p = plan(path, rows_per_shard=1000)
     assert sum(len(rows) for _, rows, _, _ in iter_shard_rows(p, DEFAULTS, 8)) == n
     assert sum(reads) > 2 * 12_000_000 and max(reads) < 12_000_000 // 2  # read twice, never a column chunk whole
+
+
+# ------------------------------------------------------------ planning a chunk at once, exactly as row by row
+
+def _old_path(chunk, start, defaults, identity):
+    rows, invalid = resolve_rows(chunk, start, defaults, 8)
+    return [r.position - start for r in rows], [row_key(r, *identity) for r in rows], invalid
+
+
+def _new_path(chunk, start, defaults, identity):
+    keep, keys, invalid = key_rows(chunk, start, defaults, 8, identity)
+    return keep.tolist(), keys.tolist(), invalid
+
+
+def _tiled(values: list, n: int = 210, dtype=None) -> pa.Array:
+    return pa.array([values[i % len(values)] for i in range(n)], dtype)
+
+
+# Every kind of value a control column may hold, valid and not, nulls defaulted; lists of coprime lengths, so
+# that the rows mix them (most rows valid, each invalid value beside valid ones).
+VARIED = {
+    "id": pa.array([f"{v}{i}" for i, v in enumerate(["a", "é\u2028", 'q"uote', "back\\slash", "tab\tnl\n\x01\x7f", "🎉", "", "x"] * 27)][:209] + [None]),
+    "prompt": _tiled(["a cat", "  ", "猫の絵", '"x"\n', "é", "a\u0085b", "ok\\", "\u200b", "b", "c", "d", None, "\x00"]),
+    "negative_prompt": _tiled([None, "", "blurry", "\t", "ü", "x\\y", '"', "\u2029", "🎉"]),
+    "seed": _tiled([None, 0, 2**63 - 1, 5, None, 7, 8, None, 10, 11, -1], dtype=pa.int64()),
+    "steps": _tiled([20, None, 1000, 3, None, 4, 5, 6, 1, 2, 7, 8, 9, 10, 1001, 0, 11], dtype=pa.int32()),
+    "guidance_scale": _tiled([7.5, -0.0, 0.0, None, 1e16, 1e-05, 3.0, 0.1 + 0.2, 1.0, 2.0, 1e300, 5e-324, -2.5, 100.0, 7.0, 6.0, 5.0, 4.0, float("nan"), float("inf")]),
+    "width": _tiled([64, None, 72, 8, 4096, 128, 256, 512, 1024, 2048, 16, 24, 32, 40, 48, 56, 80, 88, 96, 63, 0, 4104, -8], dtype=pa.int16()),
+    "height": _tiled([None, 64, 8, 16, 24, 32, 40, 48, 56, 72, 80, 88, 96, 104, 112, 120, 128, 136, 144, 152, 160, 168, 176, 184, 192, 200, 208, 216, -8], dtype=pa.int64()),
+    "guidance_rescale": _tiled([None, 0.0, 1.0, 0.7, None, -0.0, 0.25, 0.5, 0.125, 0.333, 0.9, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 0.95, 0.99, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.11, 0.12, 1.5]),
+}
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [
+        VARIED,
+        {k: v for k, v in VARIED.items() if k not in ("id", "seed")},  # ids are positions, seeds derived
+        {**VARIED, "id": pa.array(list(range(100, 310)), pa.uint64()), "seed": pa.nulls(210, pa.int64())},
+        {**VARIED, "id": VARIED["id"].dictionary_encode(), "prompt": VARIED["prompt"].cast(pa.large_string())},
+        {  # numbers of other types: floats for whole numbers, integers for floats, decimals, half floats, nulls only
+            "prompt": pa.array(["p"] * 6),
+            "seed": pa.array([1.0, 2.5, None, -0.0, 2.0**62, float("nan")]),
+            "steps": pa.array([20.0, 20.5, None, 3.0, 1e3, 1e4], pa.float32()),
+            "guidance_scale": pa.array([1, 0, None, -3, 7, 2**40], pa.int64()),
+            "width": pa.array([decimal.Decimal("64"), decimal.Decimal("64.5"), None, decimal.Decimal("8.0"), decimal.Decimal("72"), decimal.Decimal("-8")], pa.decimal128(5, 1)),
+            "height": pa.array([64, 8, None, 16, 1, 2], pa.float16()),
+            "guidance_rescale": pa.nulls(6),
+            "negative_prompt": pa.nulls(6),
+        },
+    ],
+    ids=["varied", "positions-derived-seeds", "integer-ids", "dictionary-large-string", "other-number-types"],
+)
+@pytest.mark.parametrize("start", [0, 65_536])
+def test_chunk_keys_are_row_keys_byte_for_byte(columns, start):
+    """key_rows (planning) gives exactly resolve_rows and row_key's valid rows, keys and invalid rows."""
+    chunk = pa.table(columns)
+    for identity in [("euler", "fp"), ("dpm++ \"2m\"", "é")]:
+        new = _new_path(chunk, start, DEFAULTS, identity)
+        old = _old_path(chunk, start, DEFAULTS, identity)
+        assert new[0] == old[0] and new[2] == old[2]
+        assert new[1] == old[1]
+    assert len(old[0]) >= 3 and len(old[2]) >= 1  # both valid and invalid rows were compared
+
+
+def test_chunk_keys_of_an_sdxl_table_with_pairs_are_row_keys():
+    sdxl = GenerationDefaults(steps=20, guidance_scale=5.0, width=1024, height=1024, negative_prompt="", seed=1, family="sdxl")
+    chunk = pa.table({
+        "id": [1, 2, 3, 4],
+        "prompt": ["a", "b", "c", "d"],
+        "width": pa.array([512, None, 64, 8], pa.int64()),
+        "original_size": pa.array([[512, 512], None, [1, 2, 3], [0, 65536]], pa.list_(pa.int64())),
+        "crops_coords_top_left": pa.array([None, [0, 1], [2, 2], None], pa.list_(pa.int32())),
+    })
+    assert _new_path(chunk, 0, sdxl, ("euler", "fp")) == _old_path(chunk, 0, sdxl, ("euler", "fp"))
+
+
+def test_chunk_keys_refuse_text_that_is_not_utf8_as_rows_do():
+    chunk = pa.table({"id": pa.array([b"a", b"\xff"], pa.binary()).cast(pa.string(), safe=False), "prompt": ["x", "y"]})
+    with pytest.raises(PromptTableError) as old:
+        _old_path(chunk, 0, DEFAULTS, ("e", "f"))
+    with pytest.raises(PromptTableError) as new:
+        _new_path(chunk, 0, DEFAULTS, ("e", "f"))
+    assert str(new.value) == str(old.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.generate import generate_dataset
-from nodes.dataset.commit import commit_shard, marker_path, shard_marker
+from nodes.dataset.commit import clean_uncommitted, commit_shard, marker_path, read_committed, shard_marker, write_index
 from nodes.errors import StorageError
-from tests.support.runs import RESUME_ROWS as ROWS, RESUME_RUN as RUN, assert_consistent, images_by_id, run_killable as run_cli
+from tests.support.runs import (
+    RESUME_ROWS as ROWS,
+    RESUME_RUN as RUN,
+    assert_consistent,
+    assert_index_exact,
+    images_by_id,
+    marker_keys,
+    run_killable as run_cli,
+)
 from tests.support.tables import write_table
 
 def test_rerun_generates_nothing_and_rewrites_nothing(prefect_api, tiny_model, resume_reference, tmp_path):
@@ -229,3 +238,108 @@ def test_a_commit_whose_marker_response_was_lost_keeps_its_data(tmp_path):
     committed = read_marker(fs, "/lost", 0)
     assert fs.exists(f"/lost/{committed['file']}"), "the marker names a data file that was deleted"
     fs.store.clear()
+
+
+# ------------------------------------------------------------------ the committed-rows index
+
+
+def commit_rows(fs, root: str, index: int, keys: list[int], failed: list[dict] | None = None) -> dict:
+    """Commit a shard of fake rows (no model) with these keys; returns its marker."""
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    image = pa.array([{"bytes": f"png-{k}".encode(), "path": None} for k in keys], type=image_type)
+    table = pa.table({"image": image, "id": [f"id{k}" for k in keys], "seed": list(range(len(keys)))})
+    marker = shard_marker(index, table, np.array(keys, dtype=np.uint64), failed or [], {})
+    assert commit_shard(fs, root, table, marker) == "committed"
+    return marker
+
+
+def truth(out: Path) -> list[int]:
+    """Every committed key, from the markers themselves."""
+    return sorted(k for keys in marker_keys(out).values() for k in keys)
+
+
+def test_index_then_later_markers_give_exactly_the_committed_keys(tmp_path):
+    import fsspec
+
+    fs, out = fsspec.filesystem("file"), tmp_path / "out"
+    root = str(out)
+    commit_rows(fs, root, 0, [5, 1, 9])
+    commit_rows(fs, root, 1, [2**64 - 1, 3], failed=[{"key": f"{7:016x}", "id": "x", "position": 4, "error": "NaN"}])
+    first = read_committed(fs, root)
+    assert (first.index, first.markers_read, first.keys.tolist()) == (None, 2, truth(out))
+    assert write_index(fs, root, first) == "_index/00000.npz"
+    assert_index_exact(out, out / "_index/00000.npz")
+
+    again = read_committed(fs, root)  # from the index alone
+    assert (again.index, again.markers_read, again.keys.tolist()) == ("_index/00000.npz", 0, truth(out))
+    assert again.shards == first.shards and again.failed == first.failed and again.rows == 5
+    assert write_index(fs, root, again) == "_index/00000.npz"  # nothing new: no new index
+
+    commit_rows(fs, root, 3, [7, 4])  # a later run: the failed row 7 is done now; shard 2 is never committed
+    later = read_committed(fs, root)
+    assert (later.index, later.markers_read, later.keys.tolist()) == ("_index/00000.npz", 1, truth(out))
+    assert [s["shard"] for s in later.shards] == [0, 1, 3] and later.next_index == 4
+    assert later.holds(np.array([7, 8], dtype=np.uint64)).tolist() == [True, False]
+    assert write_index(fs, root, later) == "_index/00001.npz"
+    assert_index_exact(out, out / "_index/00001.npz")
+    assert clean_uncommitted(fs, root, later.files, time.time() + 1, "_index/00001.npz") == [f"{root}/_index/00000.npz"]
+    assert read_committed(fs, root).keys.tolist() == truth(out)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda out: (out / "_shards/00001.json").rename(out / "moved.json"),  # a marker moved out, as errors advise
+        lambda out: (out / "_shards/00001.json").write_text(json.dumps({**json.loads((out / "_shards/00001.json").read_text()),
+                                                                         "keys": ["0000000000000063", "0000000000000064"]})),  # edited by hand
+        lambda out: (out / "_index/00000.npz").write_bytes(b"not an index"),  # damaged
+        lambda out: (out / "_index/00000.npz").write_bytes(  # rows that no marker holds
+            (out / "_index/00000.npz").read_bytes().replace(np.uint64(5).tobytes(), np.uint64(6).tobytes())),
+    ],
+    ids=["marker-moved", "marker-edited", "index-damaged", "index-bytes-changed"],
+)
+def test_an_index_that_does_not_match_the_markers_is_not_trusted(tmp_path, change):
+    """The index never claims a key whose marker is absent: where it disagrees with the markers, they are read."""
+    import fsspec
+
+    fs, out = fsspec.filesystem("file"), tmp_path / "out"
+    root = str(out)
+    commit_rows(fs, root, 0, [5, 1, 9])
+    commit_rows(fs, root, 1, [2, 3])
+    write_index(fs, root, read_committed(fs, root))
+    change(out)
+    committed = read_committed(fs, root)
+    assert committed.keys.tolist() == truth(out) and committed.index is None, committed.index
+
+
+@pytest.mark.parametrize("crash", ["before-index", "before-marker:2"])
+def test_sigkill_around_the_index_never_loses_or_invents_a_row(prefect_api, tiny_model, resume_reference, tmp_path, crash):
+    """Killed between the last marker and the index, or mid-run after an index: the next run finds every
+    committed row (index plus later markers), the index never names a row without a marker, and the rerun
+    completes the uninterrupted dataset."""
+    prompts, want = resume_reference
+    out = tmp_path / "out"
+    assert run_cli(prefect_api, tiny_model, write_table(tmp_path / "a.parquet", ROWS[:3]), out).returncode == 0
+    assert sorted(p.name for p in (out / "_index").iterdir()) == ["00000.npz"]
+    killed = run_cli(prefect_api, tiny_model, prompts, out, crash)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    import fsspec
+
+    for index in (out / "_index").iterdir():
+        assert_index_exact(out, index)  # never a key whose marker is absent
+    assert read_committed(fsspec.filesystem("file"), str(out)).keys.tolist() == truth(out)  # every committed key
+    if crash == "before-index":  # every marker written, the run's index not
+        assert len(list((out / "_shards").iterdir())) == 3
+        assert sorted(p.name for p in (out / "_index").iterdir()) == ["00000.npz"]
+    committed_rows = len(truth(out))
+
+    resumed = run_cli(prefect_api, tiny_model, prompts, out)
+    assert resumed.returncode == 0, resumed.stderr
+    manifest = assert_consistent(out)  # one index, naming exactly the committed rows
+    assert manifest["index"] == "_index/00001.npz"
+    assert (manifest["rows"]["generated"], manifest["rows"]["already_done"]) == (len(ROWS) - committed_rows, committed_rows)
+    ids = pq.read_table(out / "data").column("id").to_pylist()
+    assert sorted(ids) == sorted(r["id"] for r in ROWS)  # every row exactly once
+    got = images_by_id(out)
+    for row_id, pixels in want.items():
+        assert np.abs(got[row_id].astype(int) - pixels.astype(int)).max() <= 1, row_id

@@ -145,6 +145,7 @@ def test_s3_input_and_output_match_a_local_run(s3, s3_prompts, local_reference, 
         [f"{BUCKET}/out/manifest.json", f"{BUCKET}/out/{manifest['contact_sheet']}"]
         + [f"{BUCKET}/out/{s['file']}" for s in manifest["shards"]]
         + [f"{BUCKET}/out/_shards/{s['shard']:05d}.json" for s in manifest["shards"]]
+        + [f"{BUCKET}/out/{manifest['index']}"]
     )
     assert (manifest["rows"]["in_dataset"], manifest["rows"]["generated"]) == (len(ROWS), len(ROWS))
     assert manifest["parameters"]["prompts"] == s3_prompts and manifest["parameters"]["out"] == out
@@ -317,6 +318,7 @@ def test_sigkill_then_rerun_on_s3(s3, s3_env, prefect_api, tiny_model, resume_re
         [f"{BUCKET}/resume/manifest.json", f"{BUCKET}/resume/{manifest['contact_sheet']}"]
         + [f"{BUCKET}/resume/{s['file']}" for s in manifest["shards"]]
         + [f"{BUCKET}/resume/_shards/{s['shard']:05d}.json" for s in manifest["shards"]]
+        + [f"{BUCKET}/resume/{manifest['index']}"]
     )
     assert s3.list_multipart_uploads(BUCKET) == []
     _, tables = read_s3_dataset(s3, f"{BUCKET}/resume")
@@ -427,7 +429,7 @@ def test_credentials_appear_in_no_output_log_or_parameter(s3, s3_env, prefect_ap
     assert sentinel not in run.stdout + run.stderr
     s3.invalidate_cache()
     objects = s3.find(f"{BUCKET}/secret-out")
-    assert len(objects) == 4  # manifest, one shard, its marker, the contact sheet
+    assert len(objects) == 5  # manifest, one shard, its marker, the index, the contact sheet
     for key in objects:
         assert sentinel.encode() not in s3.cat_file(key), key
     with get_client(sync_client=True) as client:

@@ -2,6 +2,8 @@
 
     OUT/data/part-NNNNN-ATTEMPT.parquet   the shard's rows, written whole to a key of this attempt's own first
     OUT/_shards/NNNNN.json                its marker, created only if absent: the data file, row keys, ids, seeds, image hashes
+    OUT/_index/NNNNN.npz                  a summary of the markers committed when a run ended: their sorted row keys,
+                                          shards, files, row counts, failed rows and each marker's listed size and stamp
 
 Control files start with `_` (and temporary files with `.`), so Parquet readers skip them. Each attempt
 writes its data under its own key, so no attempt can overwrite the rows another attempt's marker names:
@@ -9,17 +11,27 @@ two attempts racing on one shard make exactly one commit, and the loser deletes 
 row keys and hashes agree, reports success. A data file that no marker names belongs to an attempt that died
 before committing: it is never listed in the manifest and is deleted by the next run to finish. Markers of
 datasets written before per-attempt keys name `data/part-NNNNN.parquet`, and are read as they are.
+
+The markers stay the commit protocol; the index only saves reading them. A run reads the newest index, then
+only the markers it does not name. It trusts the index only while every marker it names is still listed with
+the size and stamp it recorded (a marker is never rewritten, so a difference means one was moved or edited):
+otherwise it reads every marker, as without an index. An index is written create-only after a run's shards,
+from what that run read, so it never names a marker that did not exist; a run killed before writing it leaves
+the markers, which the next run reads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import uuid
+import zipfile
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import fsspec
 import numpy as np
@@ -46,6 +58,9 @@ from nodes.dataset.store import (
 log = logging.getLogger("sdflow")
 
 MARKERS = "_shards"
+INDEX = "_index"
+INDEX_FILE = re.compile(r"(\d{5,})\.npz")
+MARKER_BATCH = 256  # markers read and parsed at a time: memory stays flat however many there are
 
 
 def marker_path(root: str, index: int) -> str:
@@ -76,18 +91,37 @@ def create_only(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
 
 @dataclass(frozen=True)
 class Committed:
-    """What an output location already holds: its committed shards' markers and row keys."""
+    """What an output location already holds: its committed shards, their row keys and failed rows.
 
-    markers: tuple[dict, ...] = ()  # sorted by shard index
-    keys: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # rows with an image
+    Only what resume, the manifest and the contact sheet need (never the markers themselves, which at ten million
+    rows would take gigabytes): a resume holds 8 bytes a committed row and ~100 bytes a shard.
+    """
+
+    shards: tuple[dict, ...] = ()  # {"shard", "file", "rows"} of each committed shard, sorted by shard index
+    keys: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # rows with an image, sorted
+    failed: tuple[dict, ...] = ()  # the markers' failed rows, one per key (the latest shard's), keys maybe since done
+    stamps: tuple[str, ...] = ()  # each shard's marker as listed: "size:stamp" (index_stamp), as `shards`
+    index: str | None = None  # the index read (its path relative to OUT), or None
+    markers_read: int = 0  # markers read and parsed: those the index does not name
 
     @property
     def next_index(self) -> int:
-        return max((m["shard"] for m in self.markers), default=-1) + 1
+        return max((s["shard"] for s in self.shards), default=-1) + 1
 
     @property
     def files(self) -> set[str]:
-        return {m["file"] for m in self.markers if m["file"]}
+        return {s["file"] for s in self.shards if s["file"]}
+
+    @property
+    def rows(self) -> int:
+        return sum(s["rows"] for s in self.shards)
+
+    def holds(self, keys: np.ndarray) -> np.ndarray:
+        """For each key, whether a committed row has it."""
+        if len(self.keys) == 0:
+            return np.zeros(len(keys), dtype=bool)
+        at = np.searchsorted(self.keys, keys).clip(max=len(self.keys) - 1)
+        return self.keys[at] == keys
 
 
 MARKER_FILE = re.compile(r"(\d{5,})\.json")
@@ -134,35 +168,136 @@ def parse_marker(fs: fsspec.AbstractFileSystem, path: str, data: bytes, index: i
     )
 
 
-def read_committed(fs: fsspec.AbstractFileSystem, root: str) -> Committed:
-    """Read and validate every marker under OUT/_shards (concurrently on object stores).
+def _listed(fs: fsspec.AbstractFileSystem, root: str, folder: str, names: re.Pattern) -> dict[int, tuple[str, dict]]:
+    """Files of `root/folder` whose names match `names`, by their number: (path, listed details).
 
-    Lists the literal folder and matches names here: OUT is the user's text, never a glob pattern.
+    Lists the literal folder and matches names here: OUT is the user's text, never a glob pattern. Anything
+    else but sdflow's temporaries is refused, naming it.
     """
-    folder = f"{root}/{MARKERS}"
-    fs.invalidate_cache(folder)  # workers and concurrent runs commit from other processes
+    path = f"{root}/{folder}"
+    fs.invalidate_cache(path)  # workers and concurrent runs commit from other processes
     try:
-        names = sorted(fs.ls(folder, detail=False))
+        listed = fs.ls(path, detail=True)
     except (FileNotFoundError, NotADirectoryError):
-        return Committed()
-    paths, indices = [], []
-    for path in names:
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        found = MARKER_FILE.fullmatch(name)
-        if found:
-            paths.append(path)
-            indices.append(int(found.group(1)))
+        return {}
+    found = {}
+    for info in listed:
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+        match = names.fullmatch(name)
+        if match and info.get("type") != "directory":
+            found[int(match.group(1))] = (info["name"], info)
         elif not is_temporary(name):
+            what = "a shard marker: _shards/ holds only sdflow's markers, named NNNNN.json" if folder == MARKERS else (
+                "an index file: _index/ holds only sdflow's indexes of committed rows, named NNNNN.npz")
             raise StorageError(
-                f"{fs.unstrip_protocol(path)} is not a shard marker: {MARKERS}/ holds only sdflow's markers, named "
-                f"NNNNN.json. Move it out of {MARKERS}/ and run again."
+                f"{fs.unstrip_protocol(info['name'])} is not {what}. Move it out of {folder}/ and run again."
             )
-    if not paths:
+    return found
+
+
+def index_stamp(info: dict) -> str:
+    """What a listing says of a marker's content: its size, and its ETag (object stores) or modification time."""
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}:{tag}"
+
+
+def iter_markers(fs: fsspec.AbstractFileSystem, paths: list[tuple[int, str]]) -> Iterator[dict]:
+    """The markers at `paths` ((index, path), in order), validated, read MARKER_BATCH at a time (concurrently on object stores)."""
+    for start in range(0, len(paths), MARKER_BATCH):
+        batch = paths[start : start + MARKER_BATCH]
+        contents = fs.cat_ranges([p for _, p in batch], None, None, on_error="raise")  # not fs.cat: it globs names
+        for (index, path), data in zip(batch, contents):
+            yield parse_marker(fs, path, data, index)
+
+
+def read_committed(fs: fsspec.AbstractFileSystem, root: str) -> Committed:
+    """What OUT holds: the newest index, if every marker it names is listed as it recorded, plus every marker it
+    does not name (all markers where there is no usable index), validated."""
+    listed = _listed(fs, root, MARKERS, MARKER_FILE)
+    if not listed:
         return Committed()
-    contents = fs.cat_ranges(paths, None, None, on_error="raise")  # not fs.cat: it globs names with [ * ?
-    markers = sorted((parse_marker(fs, p, c, i) for p, c, i in zip(paths, contents, indices)), key=lambda m: m["shard"])
-    keys = [int(k, 16) for m in markers for k in m["keys"]]
-    return Committed(tuple(markers), np.array(keys, dtype=np.uint64))
+    stamps = {i: index_stamp(info) for i, (_, info) in listed.items()}
+    index = _read_newest_index(fs, root, stamps)
+    shards: dict[int, dict] = {}
+    keys = [index["keys"]] if index else []
+    failed: dict[str, dict] = {}
+    if index:
+        shards = {int(i): {"shard": int(i), "file": f or None, "rows": int(n)}
+                  for i, f, n in zip(index["shards"], index["files"], index["rows"])}
+        failed = {f["key"]: f for f in json.loads(index["failed"].tobytes())}
+    todo = [(i, listed[i][0]) for i in sorted(listed) if i not in shards]
+    for marker in iter_markers(fs, todo):
+        shards[marker["shard"]] = {"shard": marker["shard"], "file": marker["file"], "rows": marker["rows"]}
+        keys.append(np.frombuffer(bytes.fromhex("".join(marker["keys"])), dtype=">u8").astype(np.uint64))
+        for f in marker["failed"]:
+            failed[f["key"]] = f
+    if index and not todo:
+        all_keys = index["keys"]  # sorted when written
+    else:
+        all_keys = np.concatenate(keys) if keys else np.empty(0, np.uint64)
+        all_keys.sort()
+    order = sorted(shards)
+    return Committed(
+        shards=tuple(shards[i] for i in order),
+        keys=all_keys,
+        failed=tuple(failed.values()),
+        stamps=tuple(stamps[i] for i in order),
+        index=index["path"] if index else None,
+        markers_read=len(todo),
+    )
+
+
+def _read_newest_index(fs: fsspec.AbstractFileSystem, root: str, stamps: dict[int, str]) -> dict | None:
+    """The newest index as arrays, if every marker it names is listed with the size and stamp it recorded; else None.
+
+    An index that does not hold (damaged, deleted meanwhile by a concurrent run's cleanup, a marker moved or
+    edited since) is passed over: every marker is read instead, and validated.
+    """
+    found = _listed(fs, root, INDEX, INDEX_FILE)
+    if not found:
+        return None
+    number = max(found)
+    path = found[number][0]
+    try:  # from the open file, not its bytes in memory: at ten million rows the keys alone are 80 MB
+        with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
+            index = {name: data[name] for name in INDEX_ARRAYS}
+    except (FileNotFoundError, ValueError, KeyError, OSError, zipfile.BadZipFile):
+        return None
+    n = len(index["shards"])
+    sound = (
+        index["keys"].dtype == np.uint64
+        and len(index["files"]) == len(index["rows"]) == len(index["stamps"]) == n
+        and int(index["rows"].sum()) == len(index["keys"])
+        and all(stamps.get(int(i)) == str(s) for i, s in zip(index["shards"], index["stamps"]))
+    )
+    return {**index, "path": f"{INDEX}/{number:05d}.npz", "number": number} if sound else None
+
+
+INDEX_ARRAYS = ("keys", "shards", "files", "rows", "stamps", "failed")
+
+
+def write_index(fs: fsspec.AbstractFileSystem, root: str, committed: Committed) -> str | None:
+    """Summarise `committed` (read_committed, after this run's shards) as a new index, create-only; its path
+    relative to OUT, or None where nothing needs one (the index read already names every marker)."""
+    if not committed.shards or not committed.markers_read:
+        return committed.index
+    numbers = _listed(fs, root, INDEX, INDEX_FILE)
+    number = max(numbers, default=-1) + 1
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        keys=committed.keys,
+        shards=np.array([s["shard"] for s in committed.shards], dtype=np.int64),
+        files=np.array([s["file"] or "" for s in committed.shards], dtype=str),
+        rows=np.array([s["rows"] for s in committed.shards], dtype=np.int64),
+        stamps=np.array(committed.stamps, dtype=str),
+        failed=np.frombuffer(json.dumps(list(committed.failed)).encode(), dtype=np.uint8),
+    )
+    crash_point("before-index")
+    path = f"{INDEX}/{number:05d}.npz"
+    # Taken by a concurrent run: its index is as good (it names fewer or more markers; a later run reads the rest).
+    create_only(fs, f"{root}/{path}", buffer.getvalue())
+    return path
 
 
 def read_marker(fs: fsspec.AbstractFileSystem, root: str, index: int) -> dict | None:
@@ -245,14 +380,15 @@ def commit_shard(fs: fsspec.AbstractFileSystem, root: str, table: pa.Table, mark
         if set(existing["keys"]) & set(marker["keys"]):
             raise StorageError(_taken(root, index))
         # Another run's rows hold this index: ours may already sit at another (a retry), else take a free one.
-        committed = read_committed(fs, root)
-        for other in committed.markers:
+        listed = _listed(fs, root, MARKERS, MARKER_FILE)
+        ours = set(marker["keys"])
+        for other in iter_markers(fs, [(i, listed[i][0]) for i in sorted(listed)]):
             if _same_rows(other, marker):
                 marker.update(shard=other["shard"], file=other["file"])
                 return "already committed"
-            if set(other["keys"]) & set(marker["keys"]):
+            if ours.intersection(other["keys"]):
                 raise StorageError(_taken(root, other["shard"]))
-        marker["shard"] = max(committed.next_index, index + 1)
+        marker["shard"] = max(max(listed, default=-1) + 1, index + 1)
 
 
 def _taken(root: str, index: int) -> str:
@@ -263,18 +399,23 @@ def _taken(root: str, index: int) -> str:
     )
 
 
-def clean_uncommitted(fs: fsspec.AbstractFileSystem, root: str, committed_files: set[str], before: float) -> list[str]:
-    """Delete what killed attempts left under OUT/: data files no marker names, temporary files, unfinished uploads.
+def clean_uncommitted(
+    fs: fsspec.AbstractFileSystem, root: str, committed_files: set[str], before: float, index: str | None = None
+) -> list[str]:
+    """Delete what killed attempts left under OUT/: data files no marker names, temporary files, unfinished uploads,
+    and indexes older than `index` (the newest, which names every marker they name).
 
     Touches only names sdflow writes (store.is_own) under `root/`, and only those last modified before
     `before` (this run's start, epoch seconds): newer ones may belong to a run writing here at the same time.
     Returns what it removed.
     """
     removed = []
+    newest = int(INDEX_FILE.fullmatch(index.rsplit("/", 1)[-1]).group(1)) if index else -1
     for name, info in list_output(fs, root).items():
         folder, _, base = name.rpartition("/")
         orphan = re.fullmatch(DATA_FILE, name) and name not in committed_files
-        if (orphan or is_temporary(base)) and is_own(name) and _modified(info) < before:
+        superseded = folder == INDEX and INDEX_FILE.fullmatch(base) and int(INDEX_FILE.fullmatch(base).group(1)) < newest
+        if (orphan or superseded or is_temporary(base)) and is_own(name) and _modified(info) < before:
             fs.rm_file(f"{root}/{name}")
             removed.append(f"{root}/{name}")
     if hasattr(fs, "list_multipart_uploads"):  # s3fs: parts of uploads that a killed process never completed

@@ -11,11 +11,12 @@ import io
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -26,6 +27,7 @@ from nodes.pipeline.components import ModelInfo
 from nodes.params import (
     COLUMN_NAMES,
     COLUMNS,
+    Column,
     KINDS,
     MAX_SEED,
     MAX_SIDE,
@@ -156,9 +158,9 @@ def written_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema(fields + [pa.field(f.name, loadable_type(f.type)) for f in schema if f.name not in COLUMN_NAMES])
 
 
-def committed_schema(fs: fsspec.AbstractFileSystem, root: str, markers: tuple[dict, ...], out: str) -> tuple[str, pa.Schema] | None:
+def committed_schema(fs: fsspec.AbstractFileSystem, root: str, shards: tuple[dict, ...], out: str) -> tuple[str, pa.Schema] | None:
     """(its URL, its schema) of the newest committed shard file, read from its footer; None for a new dataset."""
-    files = [m["file"] for m in markers if m.get("file")]
+    files = [s["file"] for s in shards if s.get("file")]
     if not files:
         return None
     url = f"{out.rstrip('/')}/{files[-1]}"
@@ -364,6 +366,187 @@ def row_key(row: Row, scheduler: str, model_fingerprint: str, image_format: str 
     return int.from_bytes(hashlib.blake2b(payload.encode(), digest_size=8).digest(), "big")
 
 
+class _NoRow(dict):
+    """The row a default is asked about when it must not depend on the row: any look-up says so."""
+
+    def __missing__(self, name):
+        raise LookupError(name)
+
+
+class _RowView:
+    """One row's resolved values so far, for a default that depends on them (a derived seed, SDXL's sizes)."""
+
+    def __init__(self, python: dict, i: int):
+        self.python, self.i = python, i
+
+    def __getitem__(self, name: str):
+        return self.python[name](self.i)
+
+
+_NEEDS_ESCAPE = r'[\x00-\x1f"\\]'  # what json.dumps(ensure_ascii=False) escapes in a string; the rest is as it is
+
+
+def _arrow_column(chunk: pa.Table, name: str) -> pa.Array:
+    column = chunk.column(name).combine_chunks()
+    return column.dictionary_decode() if pa.types.is_dictionary(column.type) else column
+
+
+def _json_strings(values: pa.Array) -> pa.Array:
+    """Each string as JSON text, exactly as _KEY_JSON writes it (non-ASCII as it is); nulls stay null."""
+    values = values.cast(pa.string())
+    quoted = pc.binary_join_element_wise('"', values, '"', "")
+    escape = pc.fill_null(pc.match_substring_regex(values, _NEEDS_ESCAPE), False)
+    if not pc.any(escape).as_py():
+        return quoted
+    at = np.flatnonzero(escape.to_numpy(zero_copy_only=False))
+    escaped = pa.array([_KEY_JSON(v) for v in values.take(pa.array(at)).to_pylist()], pa.string())
+    return pc.replace_with_mask(quoted, escape, escaped)
+
+
+def _lazy_list(values: pa.Array) -> Callable[[int], object]:
+    """A column's value at a row as Python, converting the column only if asked (invalid rows, derived seeds)."""
+    cache: list = []
+
+    def at(i: int):
+        if not cache:
+            cache.append(values.to_pylist())
+        return cache[0][i]
+
+    return at
+
+
+class _ColumnResolver:
+    """A chunk's control columns resolved a column at a time, as resolve_rows does a row at a time.
+
+    For each column of COLUMNS (the model family's), in order: which rows it makes invalid first, and each row's
+    value as JSON text, its fragment of the row key. Columns with a `check_array` held as integers or text are
+    checked over the whole array; other numbers through the column's own check once per distinct value; anything
+    else (decimals, half floats, pairs) and defaults that depend on the row (derived seeds) row by row.
+    tests/test_ingest.py holds it to resolve_rows and row_key, key for key and message for message.
+    """
+
+    def __init__(self, chunk: pa.Table, start: int, defaults: GenerationDefaults, size_multiple: int):
+        self.chunk, self.start, self.defaults, self.m = chunk, start, defaults, size_multiple
+        self.n = chunk.num_rows
+        self.bad = np.zeros(self.n, dtype=bool)  # invalid at a column resolved so far
+        self.first_bad: list[tuple[np.ndarray, Column]] = []  # (rows first invalid there, column), in column order
+        self.python: dict[str, Callable[[int], object]] = {}  # a resolved column's value at a row, as Python
+        self.fragments: dict[str, pa.Array] = {}  # JSON text of each resolved value; null where invalid
+
+    def resolve(self, column: Column) -> None:
+        name = column.name
+        if name == "id" and name not in self.chunk.column_names:  # ids are positions
+            self.python[name] = lambda i: self.start + i
+            self.fragments[name] = pa.array(np.arange(self.start, self.start + self.n, dtype=np.int64)).cast(pa.string())
+            return
+        values = _arrow_column(self.chunk, name) if name in self.chunk.column_names else pa.nulls(self.n)
+        nulls = values.is_null().to_numpy(zero_copy_only=False)
+        valid = np.ones(self.n, dtype=bool) if column.default is not None else ~nulls
+        kind = values.type
+        if pa.types.is_null(kind):
+            fragments, python = pa.nulls(self.n, pa.string()), (lambda i: None)
+        elif column.check_array is not None and _text_type(kind):
+            valid &= nulls | column.check_array(values, self.m)
+            fragments, python = _json_strings(values), _lazy_list(values)
+        elif column.check_array is not None and pa.types.is_integer(kind):
+            numbers = values.fill_null(0).to_numpy()
+            valid &= nulls | column.check_array(numbers, self.m)
+            fragments, python = values.cast(pa.string()), (lambda i: int(numbers[i]))
+        elif pa.types.is_integer(kind) or pa.types.is_float32(kind) or pa.types.is_float64(kind):
+            fragments, python = self._by_distinct_value(column, values, nulls, valid)
+        else:
+            fragments, python = self._by_row(column, nulls, valid)
+        self.python[name] = python
+        if nulls.any() and column.default is not None:
+            fragments = self._defaults(column, fragments, nulls)
+        newly = ~valid & ~self.bad
+        if newly.any():
+            self.first_bad.append((newly, column))
+            self.bad |= newly
+        self.fragments[name] = fragments
+
+    def _by_distinct_value(self, column, values, nulls, valid):
+        """Numbers: the column's check and JSON text once per distinct value (by bit pattern: -0.0 is not 0.0)."""
+        numbers = values.fill_null(0).to_numpy()
+        distinct, inverse = np.unique(numbers.view(f"u{numbers.dtype.itemsize}"), return_inverse=True)
+        resolved = [column.check(v, self.m) for v in distinct.view(numbers.dtype).tolist()]
+        valid &= nulls | np.array([r is not None for r in resolved], dtype=bool)[inverse]
+        fragments = pa.array([None if r is None else _KEY_JSON(r) for r in resolved], pa.string()).take(pa.array(inverse))
+        return fragments, lambda i: resolved[inverse[i]]
+
+    def _by_row(self, column, nulls, valid):
+        """Anything else (decimals, half floats, pairs): the column's own check, row by row, as resolve_rows does."""
+        raw = _values(self.chunk, column.name, self.start) if column.name in self.chunk.column_names else [None] * self.n
+        resolved = [None if (v is None or self.bad[i]) else column.check(v, self.m) for i, v in enumerate(raw)]
+        for i, (v, r) in enumerate(zip(raw, resolved)):
+            if r is None and v is not None and not self.bad[i]:
+                valid[i] = False
+        fragments = pa.array([None if r is None else _KEY_JSON(r) for r in resolved], pa.string())
+        return fragments, lambda i: resolved[i]
+
+    def _defaults(self, column, fragments, nulls):
+        """Nulls take the run's default: one value for all, or row by row where it depends on the row."""
+        python, null_mask = self.python[column.name], pa.array(nulls)
+        try:
+            value = column.default(self.defaults, _NoRow())
+        except LookupError:
+            values = {i: column.default(self.defaults, _RowView(self.python, i)) for i in np.flatnonzero(nulls & ~self.bad).tolist()}
+            text = [None] * self.n
+            for i, v in values.items():
+                text[i] = _KEY_JSON(v)
+            self.python[column.name] = lambda i: values[i] if i in values else python(i)
+            return pc.if_else(null_mask, pa.array(text, pa.string()), fragments)
+        self.python[column.name] = lambda i: value if nulls[i] else python(i)
+        return pc.if_else(null_mask, pa.scalar(_KEY_JSON(value)), fragments)
+
+    def invalid(self, row_id: Callable[[int], object]) -> dict[int, tuple[int | str, tuple[str, str]]]:
+        """Each invalid row's position: (its id, (the first column it fails, that column's rule)), in table order."""
+        first = {}
+        for rows, column in self.first_bad:
+            for i in np.flatnonzero(rows).tolist():
+                first[i] = column
+        return {self.start + i: (row_id(i), (first[i].name, first[i].rule.format(m=self.m))) for i in sorted(first)}
+
+
+def key_rows(
+    chunk: pa.Table, start: int, defaults: GenerationDefaults, size_multiple: int, identity: tuple[str, str]
+) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[int | str, tuple[str, str]]]]:
+    """resolve_rows and row_key over a whole chunk at once, without making Rows: what planning needs.
+
+    Returns the positions (within the chunk) of the valid rows, their keys (uint64, byte for byte row_key's), and
+    the invalid rows as resolve_rows gives them.
+    """
+    columns = [c for c in COLUMNS if c.families is None or defaults.family in c.families]
+    for c in columns:  # text that is not UTF-8: the error resolve_rows gives, for the first such column
+        if c.name in chunk.column_names and (_text_type(chunk.column(c.name).type)):
+            try:
+                chunk.column(c.name).validate(full=True)
+            except pa.ArrowInvalid:
+                _values(chunk, c.name, start)
+    resolver = _ColumnResolver(chunk, start, defaults, size_multiple)
+    for c in columns:
+        resolver.resolve(c)
+    raw_ids = _lazy_list(_arrow_column(chunk, "id")) if "id" in chunk.column_names else (lambda i: start + i)
+    invalid = resolver.invalid(raw_ids)
+    keep = np.flatnonzero(~resolver.bad)
+    parts = []
+    for c, optional in zip((c for c in COLUMNS if c.in_key), OPTIONAL_KEY):
+        if c.name in resolver.fragments:
+            parts.append(resolver.fragments[c.name].take(pa.array(keep)))
+        elif not (optional and c.neutral is None):  # a family's column for other families: left out of the key
+            parts.append(pa.scalar(_KEY_JSON(c.neutral)))
+    parts += [pa.scalar(_KEY_JSON(identity[0])), pa.scalar(_KEY_JSON(identity[1]))]
+    payloads = pc.binary_join_element_wise("[", pc.binary_join_element_wise(*parts, ", "), "]", "")
+    blake2b = hashlib.blake2b
+    digests = b"".join([blake2b(p, digest_size=8).digest() for p in payloads.cast(pa.binary()).to_pylist()])
+    return keep, np.frombuffer(digests, dtype=">u8").astype(np.uint64), invalid
+
+
+def _text_type(dtype: pa.DataType) -> bool:
+    dtype = dtype.value_type if pa.types.is_dictionary(dtype) else dtype
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
+
+
 def _resolved_chunks(pf, url, defaults, size_multiple, identity, chunk_rows, columns=None):
     """(start, chunk, valid rows, their keys as uint64, invalid) for each chunk of `columns` (default: all)."""
     for start, chunk in iter_row_chunks(pf, chunk_rows, columns=columns, url=url):
@@ -402,13 +585,17 @@ def plan_prompt_table(
         check_same_schema(pf.schema_arrow, url, dataset_schema)
     control = [c for c in COLUMN_NAMES if c in pf.schema_arrow.names]
     has_ids = "id" in control
-    done = np.sort(done_keys) if done_keys is not None else np.empty(0, np.uint64)
+    done = np.empty(0, np.uint64) if done_keys is None else _sorted(done_keys)
     invalid: dict[int, tuple[int | str, tuple[str, str]]] = {}
-    id_hashes: list[np.ndarray] = []  # 8 bytes a row: memory stays flat where a set of ids would not
-    remaining = already_done = 0
+    hashes = np.empty(pf.metadata.num_rows if has_ids else 0, np.uint64)  # 8 bytes a row: a set of ids would not stay flat
+    filled = remaining = already_done = 0
     current_done = np.zeros(len(done), dtype=bool)  # committed keys the table still produces
     digests = ShardDigests(rows_per_shard)
-    for _, chunk, rows, keys, bad in _resolved_chunks(pf, url, defaults, size_multiple, identity, SCAN_ROWS, control):
+    for start, chunk in iter_row_chunks(pf, SCAN_ROWS, columns=control, url=url):
+        try:
+            _, keys, bad = key_rows(chunk, start, defaults, size_multiple, identity)
+        except PromptTableError as e:
+            raise PromptTableError(f"prompt table {url}: {e}") from None
         invalid.update(bad)
         found = _positions_in(done, keys)
         current_done[found[found >= 0]] = True
@@ -416,9 +603,12 @@ def plan_prompt_table(
         remaining += int((found < 0).sum())
         digests.add(keys[found < 0])
         if has_ids:
-            id_hashes.append(_hash_ids(chunk.column("id")))
-    if id_hashes:
-        hashes = np.sort(np.concatenate(id_hashes))
+            chunk_hashes = _hash_ids(chunk.column("id"))
+            hashes[filled : filled + len(chunk_hashes)] = chunk_hashes
+            filled += len(chunk_hashes)
+    if has_ids:
+        hashes = hashes[:filled]
+        hashes.sort()
         repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
         if len(repeated):  # rare: find the ids themselves, and rule out a hash collision
             suspects = set(repeated.tolist())
@@ -491,11 +681,22 @@ def _hash_ids(ids: pa.ChunkedArray) -> np.ndarray:
     return pd.util.hash_array(values.astype(object) if values.dtype.kind in "OUS" else values)
 
 
+def _sorted(keys: np.ndarray) -> np.ndarray:
+    """`keys` as a sorted uint64 array; no copy where they are sorted already (committed keys are)."""
+    keys = np.asarray(keys, dtype=np.uint64)
+    return keys if len(keys) < 2 or bool((keys[1:] >= keys[:-1]).all()) else np.sort(keys)
+
+
 def _positions_in(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """For each key, its index in `sorted_keys`, or -1 where absent."""
     if len(sorted_keys) == 0:
         return np.full(len(keys), -1)
-    at = np.searchsorted(sorted_keys, keys).clip(max=len(sorted_keys) - 1)
+    # Looked up in sorted order: each search starts where the last ended, so a chunk's keys walk through the
+    # committed keys once instead of jumping across 80 MB of them (at ten million rows, 3x faster).
+    order = np.argsort(keys, kind="stable")
+    at = np.empty(len(keys), dtype=np.intp)
+    at[order] = np.searchsorted(sorted_keys, keys[order])
+    at = at.clip(max=len(sorted_keys) - 1)
     return np.where(sorted_keys[at] == keys, at, -1)
 
 

@@ -65,14 +65,14 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def first_images(fs, root: str, markers, count: int) -> tuple[list[Image.Image], list[str]]:
+def first_images(fs, root: str, shards, count: int) -> tuple[list[Image.Image], list[str]]:
     """The images and prompts of a dataset's first `count` rows (committed shards in index order)."""
     images, prompts = [], []
-    for marker in markers:
+    for shard in shards:
         if len(images) >= count:
             break
-        if marker["file"]:
-            table = read_dataset_file(fs, root, marker["file"], ["image", "prompt"]).slice(0, count - len(images))
+        if shard["file"]:
+            table = read_dataset_file(fs, root, shard["file"], ["image", "prompt"]).slice(0, count - len(images))
             images += decode_images(table.column("image"))
             prompts += table.column("prompt").to_pylist()
     return images, prompts

@@ -3,6 +3,7 @@
 Layout of an output dataset (local folder or any fsspec URL):
     OUT/data/part-NNNNN-ATTEMPT.parquet   one shard per chunk of prompt-table rows; a plain glob of data/ is the dataset
     OUT/_shards/NNNNN.json                each shard's marker, written after its data (nodes.dataset.commit)
+    OUT/_index/NNNNN.npz                  the committed row keys and shards as a run left them, read before the markers
     OUT/manifest.json                     run parameters, versions, row counts, shards and timings, written last (nodes.dataset.manifest)
 Files are written whole: locally to a temporary name, fsynced and renamed; on object stores as one upload.
 sdflow touches only these names (OWN_FILE) under OUT/, and refuses an output that holds anything else.
@@ -276,7 +277,7 @@ def open_output(url: str, storage_options: dict | None = None) -> tuple[fsspec.A
             raise StorageError(
                 f"output {url} holds files that sdflow did not write ({', '.join(foreign[:5])}"
                 f"{f' and {len(foreign) - 5} more' if len(foreign) > 5 else ''}); an sdflow dataset holds only its "
-                "manifest, contact sheet, data/, _shards/ and evaluation/, and sdflow replaces and deletes files "
+                "manifest, contact sheet, data/, _shards/, _index/ and evaluation/, and sdflow replaces and deletes files "
                 "there: choose a new or empty location, or move those files away."
             )
         check_writable(fs, root, url)
@@ -295,7 +296,7 @@ def open_output(url: str, storage_options: dict | None = None) -> tuple[fsspec.A
 # Cleanup deletes only names that match, and an output holding anything else is refused.
 DATA_FILE = r"data/part-\d{5,}(?:-[0-9a-f]{32})?\.parquet"  # -ATTEMPT: one key per commit attempt (nodes.dataset.commit)
 OWN_FILE = re.compile(
-    rf"manifest\.json|contact_sheet\.png|_shards/\d{{5,}}\.json|{DATA_FILE}"
+    rf"manifest\.json|contact_sheet\.png|_shards/\d{{5,}}\.json|_index/\d{{5,}}\.npz|{DATA_FILE}"
     rf"|evaluation/(?:summary\.json|contact_sheet\.png|{DATA_FILE})"
 )
 TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{32}\.tmp")  # .NAME.UUIDHEX.tmp, beside NAME (write_temporary)

@@ -26,7 +26,7 @@ def images_by_id(out: Path) -> dict[str, np.ndarray]:
 
 
 def assert_consistent(out: Path) -> dict:
-    """The dataset folder holds exactly the committed shards: no stray, temporary or unlisted files."""
+    """The dataset folder holds exactly the committed shards and their index: no stray, temporary or unlisted files."""
     manifest = json.loads((out / "manifest.json").read_text())
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     listed = sorted(
@@ -34,9 +34,30 @@ def assert_consistent(out: Path) -> dict:
         + ([manifest["contact_sheet"]] if manifest["shards"] else [])
         + [s["file"] for s in manifest["shards"]]
         + [f"_shards/{s['shard']:05d}.json" for s in manifest["shards"]]
+        + ([manifest["index"]] if "index" in manifest else [])
     )
     assert files == listed
+    assert ("index" in manifest) == bool(list((out / "_shards").glob("*.json")))
+    if "index" in manifest:  # the index names exactly the committed rows
+        assert_index_exact(out, out / manifest["index"])
     return manifest
+
+
+def marker_keys(out: Path) -> dict[int, list[int]]:
+    """Each committed marker's row keys, read from the markers themselves."""
+    return {
+        int(p.stem): [int(k, 16) for k in json.loads(p.read_text())["keys"]] for p in (out / "_shards").glob("*.json")
+    }
+
+
+def assert_index_exact(out: Path, index: Path) -> None:
+    """An index names only markers that exist, and exactly their keys."""
+    with np.load(index, allow_pickle=False) as data:
+        shards, keys, rows = data["shards"].tolist(), data["keys"], data["rows"].tolist()
+    markers = marker_keys(out)
+    assert set(shards) <= set(markers), f"{index.name} names shards {sorted(set(shards) - set(markers))} with no marker"
+    assert keys.tolist() == sorted(k for s in shards for k in markers[s])
+    assert rows == [len(markers[s]) for s in shards]
 
 
 def run_killable(prefect_api: str, tiny_model: str, prompts: str, out: Path, crash: str | None = None):
