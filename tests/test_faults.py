@@ -65,15 +65,20 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(prefect_api, own_model
     assert all(max_level_difference(got[i], want[i]) <= 1 for i in want)
 
 
-def test_a_row_that_always_fails_is_recorded_and_the_rest_goes_on(prefect_api, own_model, tmp_path, monkeypatch):
-    real = nodes.pipeline.batch.make_generators
+def poisoned(make_generators):
+    """make_generators, failing for any batch that holds a row whose prompt says "poison"."""
 
-    def poisoned(rows):
+    def generators(rows):
         if any("poison" in r.prompt for r in rows):
             raise ValueError("this row cannot be generated")
-        return real(rows)
+        return make_generators(rows)
 
-    monkeypatch.setattr(nodes.pipeline.batch, "make_generators", poisoned)
+    return generators
+
+
+def test_a_row_that_always_fails_is_recorded_and_the_rest_goes_on(prefect_api, own_model, tmp_path, monkeypatch):
+    real = nodes.pipeline.batch.make_generators
+    monkeypatch.setattr(nodes.pipeline.batch, "make_generators", poisoned(real))
     rows = ROWS[:2] + [{"id": 99, "prompt": "poison", "seed": 1}] + ROWS[2:]
     prompts = write_table(tmp_path / "p.parquet", rows)
     out = tmp_path / "out"
@@ -176,13 +181,7 @@ def test_rows_failing_alone_in_a_later_shard_are_the_rows_problem(prefect_api, o
     """Once a row of the run has come out, a later shard whose rows all fail (too large for the device, say) is
     recorded row by row and the run goes on: the run-level stop is for runs that never made an image."""
     real = nodes.pipeline.batch.make_generators
-
-    def poisoned(rows):
-        if any("poison" in r.prompt for r in rows):
-            raise ValueError("this row cannot be generated")
-        return real(rows)
-
-    monkeypatch.setattr(nodes.pipeline.batch, "make_generators", poisoned)
+    monkeypatch.setattr(nodes.pipeline.batch, "make_generators", poisoned(real))
     rows = ROWS[:2] + [{"id": 90 + i, "prompt": f"poison {i}", "seed": i} for i in range(2)]
     manifest = generate_dataset(
         prompts=write_table(tmp_path / "p.parquet", rows), out=str(tmp_path / "out"), model=own_model,
