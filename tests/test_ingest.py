@@ -287,7 +287,7 @@ VARIED = {
 def test_chunk_keys_are_row_keys_byte_for_byte(columns, start):
     """key_rows (planning) gives exactly resolve_rows and row_key's valid rows, keys and invalid rows."""
     chunk = pa.table(columns)
-    for identity in [("euler", "fp"), ("dpm++ \"2m\"", "é")]:
+    for identity in [("euler", "fp"), ("dpm++ \"2m\"", "é"), ("euler", "fp", "webp:lossless"), ("euler", "fp", "")]:
         new = _new_path(chunk, start, DEFAULTS, identity)
         old = _old_path(chunk, start, DEFAULTS, identity)
         assert new[0] == old[0] and new[2] == old[2]

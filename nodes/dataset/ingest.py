@@ -353,6 +353,13 @@ OPTIONAL_KEY = tuple(c.families is not None for c in COLUMNS if c.in_key)
 _KEY_JSON = json.JSONEncoder(ensure_ascii=False).encode  # exactly json.dumps(..., ensure_ascii=False), built once
 
 
+def key_identity(identity: tuple[str, ...]) -> list[str]:
+    """What follows a row's columns in its key: sampler, model fingerprint, and the image format's key where it
+    has one (PNG's is "": its rows keep the keys they had before there were formats)."""
+    scheduler, model_fingerprint, *image = identity
+    return [scheduler, model_fingerprint] + [f for f in image if f]
+
+
 def row_key(row: Row, scheduler: str, model_fingerprint: str, image_format: str = "") -> int:
     """A row's identity as a 64-bit integer: its columns that enter the key (COLUMNS), the sampler, the model and
     how its image is stored (ImageFormat.key: "" for PNG).
@@ -361,7 +368,7 @@ def row_key(row: Row, scheduler: str, model_fingerprint: str, image_format: str 
     """
     # A family's own columns are None for other families' rows: left out, their keys stay what they were.
     values = [getattr(row, name) for name in KEY_COLUMNS]
-    identity = [scheduler, model_fingerprint] + ([image_format] if image_format else [])  # PNG keys: as before formats
+    identity = key_identity((scheduler, model_fingerprint, image_format))
     payload = _KEY_JSON([v for v, optional in zip(values, OPTIONAL_KEY) if not (optional and v is None)] + identity)
     return int.from_bytes(hashlib.blake2b(payload.encode(), digest_size=8).digest(), "big")
 
@@ -509,7 +516,7 @@ class _ColumnResolver:
 
 
 def key_rows(
-    chunk: pa.Table, start: int, defaults: GenerationDefaults, size_multiple: int, identity: tuple[str, str]
+    chunk: pa.Table, start: int, defaults: GenerationDefaults, size_multiple: int, identity: tuple[str, ...]
 ) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[int | str, tuple[str, str]]]]:
     """resolve_rows and row_key over a whole chunk at once, without making Rows: what planning needs.
 
@@ -535,7 +542,7 @@ def key_rows(
             parts.append(resolver.fragments[c.name].take(pa.array(keep)))
         elif not (optional and c.neutral is None):  # a family's column for other families: left out of the key
             parts.append(pa.scalar(_KEY_JSON(c.neutral)))
-    parts += [pa.scalar(_KEY_JSON(identity[0])), pa.scalar(_KEY_JSON(identity[1]))]
+    parts += [pa.scalar(_KEY_JSON(value)) for value in key_identity(identity)]
     payloads = pc.binary_join_element_wise("[", pc.binary_join_element_wise(*parts, ", "), "]", "")
     blake2b = hashlib.blake2b
     digests = b"".join([blake2b(p, digest_size=8).digest() for p in payloads.cast(pa.binary()).to_pylist()])
