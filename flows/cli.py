@@ -49,16 +49,15 @@ def stop_on_signals() -> dict:
 def stopping_signal(error: BaseException) -> int | None:
     """The signal behind `error`: ours, Prefect's TerminationSignal (its SIGTERM handler during a flow), or an error
     that Prefect raised while handling either; None if no signal is behind it."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, Stopped):
-            return error.signum
-        if isinstance(error, KeyboardInterrupt):
+    from nodes.errors import exception_chain
+
+    for link in exception_chain(error):
+        if isinstance(link, Stopped):
+            return link.signum
+        if isinstance(link, KeyboardInterrupt):
             return signal.SIGINT
-        if type(error).__name__ == "TerminationSignal":
-            return getattr(error, "signal", signal.SIGTERM)
-        error = error.__cause__ or error.__context__
+        if type(link).__name__ == "TerminationSignal":
+            return getattr(link, "signal", signal.SIGTERM)
     return None
 
 

@@ -52,3 +52,12 @@ TASK_RETRIES = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": re
 
 class RunError(Exception):
     """A failure of the run, not of its rows (every row tried fails the same way): stops it with exit code 1."""
+
+
+def exception_chain(error: BaseException | None):
+    """`error`, then what it was raised from or while handling (__cause__, else __context__), and so on; each once."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__

@@ -25,9 +25,9 @@ diffusers_logging.get_logger("diffusers")
 transformers_logging.get_logger("transformers")
 
 from nodes.shapes.builders import ToyModelConfig, save_toy_model
-from tests.support.runs import RESUME_ROWS, RESUME_RUN, images_by_id
+from tests.support.runs import RESUME_ROWS, RESUME_RUN, uninterrupted_run
 from tests.support.s3_server import BUCKET, FAKE_AWS_ENV, UNSET_AWS_ENV, MotoS3Server
-from tests.support.tables import TEST_STEPS, write_table
+from tests.support.tables import TEST_STEPS
 
 
 
@@ -60,12 +60,7 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def resume_reference(prefect_api, tiny_model, tmp_path_factory):
     """An uninterrupted run: the images every interrupted-then-resumed run must reproduce."""
-    from flows.generate import generate_dataset
-
-    root = tmp_path_factory.mktemp("reference")
-    prompts = write_table(root / "prompts.parquet", RESUME_ROWS)
-    generate_dataset(prompts=prompts, out=str(root / "out"), model=tiny_model, **RESUME_RUN)
-    return prompts, images_by_id(root / "out")
+    return uninterrupted_run(tmp_path_factory.mktemp("reference"), RESUME_ROWS, tiny_model, RESUME_RUN)
 
 
 # S3 on loopback (moto's server mode): a server per test module, a clean bucket per test.

@@ -20,8 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.support.runs import processes_with_env, assert_consistent, images_by_id
-from tests.support.tables import write_table
+from tests.support.runs import assert_consistent, images_by_id, processes_with_env, uninterrupted_run
 
 ROWS = [{"id": f"s{i}", "prompt": f"a {['red', 'blue', 'green'][i % 3]} circle number {i}"} for i in range(16)]
 RUN = {"batch_size": 2, "shard_size": 4, "steps": 3, "scheduler": "euler_a"}  # 4 shards of 2 batches
@@ -31,12 +30,7 @@ STOP_WITHIN = 10.0  # seconds from the signal to the exit
 @pytest.fixture(scope="module")
 def reference(prefect_api, tiny_model, tmp_path_factory):
     """The table and the images of an uninterrupted run."""
-    from flows.generate import generate_dataset
-
-    root = tmp_path_factory.mktemp("signals-reference")
-    prompts = write_table(root / "prompts.parquet", ROWS)
-    generate_dataset(prompts=prompts, out=str(root / "out"), model=tiny_model, **RUN)
-    return prompts, images_by_id(root / "out")
+    return uninterrupted_run(tmp_path_factory.mktemp("signals-reference"), ROWS, tiny_model, RUN)
 
 
 def command(tiny_model: str, prompts: str, out: Path) -> list[str]:

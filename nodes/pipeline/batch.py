@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from nodes.errors import RunError, SdflowError, name_ids
+from nodes.errors import RunError, SdflowError, exception_chain, name_ids
 from nodes.params import Row, RunConfig
 from nodes.pipeline.decode import decode_latents
 from nodes.pipeline.denoise import denoise, make_scheduler
@@ -118,13 +118,7 @@ def check_not_the_runs_failure(tried: list[Row], failed: dict[int, str]) -> None
 def interrupt_behind(error: BaseException) -> BaseException | None:
     """The interrupt (KeyboardInterrupt, Prefect's TerminationSignal: a BaseException, not an Exception) that
     `error` was raised while handling, if any."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if not isinstance(error, Exception):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
+    return next((e for e in exception_chain(error) if not isinstance(e, Exception)), None)
 
 
 def make_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:

@@ -100,3 +100,13 @@ def processes_with_env(entry: str) -> list[int]:
         except OSError:  # gone, or not ours to read
             pass
     return found
+
+
+def uninterrupted_run(root: Path, rows: list[dict], model: str, run: dict) -> tuple[str, dict[str, np.ndarray]]:
+    """A table of `rows` under `root` and the images of one uninterrupted run of it: what interrupted runs must give."""
+    from flows.generate import generate_dataset
+    from tests.support.tables import write_table
+
+    prompts = write_table(root / "prompts.parquet", rows)
+    generate_dataset(prompts=prompts, out=str(root / "out"), model=model, **run)
+    return prompts, images_by_id(root / "out")
