@@ -87,7 +87,7 @@ def assert_rerun_completes_exactly(tiny_model: str, reference, out: Path, home: 
         np.testing.assert_array_equal(images[row_id], image, err_msg=row_id)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_signal_stops_the_run_in_order_and_a_rerun_completes_it(tiny_model, reference, tmp_path, signum):
     out, home, err = tmp_path / "out", tmp_path / "prefect-home", tmp_path / "stderr"
     process = start_mid_run(tiny_model, reference[0], out, home, err)
