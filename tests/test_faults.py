@@ -171,6 +171,18 @@ def test_an_inpainting_unet_is_refused_before_any_weight_loads(prefect_api, tiny
     assert_clean_failure(code, err, out, str(model), "9 input channels", "an inpainting model", "from text only")
 
 
+@pytest.mark.parametrize("pipeline", ["StableDiffusion3Pipeline", "FluxPipeline", "StableDiffusionInpaintPipeline"])
+def test_a_pipeline_class_sdflow_cannot_run_is_refused_before_any_weight_loads(prefect_api, tiny_model, tmp_path, capsys, pipeline):
+    model = tmp_path / "other-family"
+    shutil.copytree(tiny_model, model)
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}))
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")  # refused before this
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, write_table(tmp_path / "p.parquet", ROWS), out, "--model", model)
+    assert_clean_failure(code, err, out, pipeline, "which sdflow cannot run", "Stable Diffusion XL")
+
+
 def test_a_device_that_cannot_hold_weights_is_refused_up_front(prefect_api, tiny_model, tmp_path, capsys):
     out = tmp_path / "out"
     code, err = run_cli(capsys, write_table(tmp_path / "p.parquet", ROWS), out, "--model", tiny_model, "--device", "meta")
