@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate one image per row of a prompt table")
     gen.add_argument("prompts", help="Parquet prompt table: local path or fsspec URL (s3://...); 'example' for the bundled one")
     gen.add_argument("out", help="output dataset folder: local path or fsspec URL")
-    gen.add_argument("--model", help="diffusers-format folder, fsspec URL or hub id (default: sdflow:shapes, the embedded model)")
+    gen.add_argument("--model", help="a diffusers folder, a single-file checkpoint (.safetensors, SD 1.x/2.x/SDXL, original layout), either as a local path or fsspec URL, or a hub id (default: sdflow:shapes, the embedded model)")
+    gen.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="what a single-file SD 2.x checkpoint predicts (its tensors do not say): epsilon for the 512 base models, v_prediction for the 768 ones")
+    gen.add_argument("--model-config", dest="checkpoint_config", help="a diffusers folder (configs suffice) describing a single-file checkpoint's architecture, for fine-tunes that differ from their family (default: sdflow's configs of the family)")
     gen.add_argument("--vae", help="a separate VAE to decode with: a diffusers folder, or a .safetensors file of the model's VAE architecture")
     gen.add_argument("--scheduler", help="sampler, e.g. euler_a or dpmpp_2m_karras; a name it does not know lists them all (default: the model's own)")
     gen.add_argument("--steps", type=int, help="denoising steps (default: the model's, else 50)")
@@ -309,8 +311,10 @@ def check_obvious_inputs(args: argparse.Namespace) -> None:
     model = args.model or ""
     # As the flow reads a model reference: a path when it starts like one or is not of the hub's "org/name" form.
     if model and local(model) and (model.startswith((".", "/", "~", "file://")) or model.count("/") != 1):
-        if not os.path.isdir(os.path.expanduser(model.removeprefix("file://"))) and ":" not in model:
-            raise SdflowError(f"model folder {model} does not exist (or is not a folder).")
+        if not os.path.exists(os.path.expanduser(model.removeprefix("file://"))) and ":" not in model:
+            raise SdflowError(
+                f"model {model} does not exist; --model takes a diffusers folder, a single-file checkpoint or a hub id."
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -394,6 +398,8 @@ def generate(args: argparse.Namespace, server) -> str:
         guidance=args.guidance,
         guidance_rescale=args.guidance_rescale,
         vae=args.vae,
+        checkpoint_config=args.checkpoint_config,
+        prediction_type=args.prediction_type,
         width=args.width,
         height=args.height,
         negative_prompt=args.negative_prompt,

@@ -46,7 +46,7 @@ def check_inputs(p: dict) -> Job:
     if image is None:
         raise SdflowError(image_format_rule(p["image_format"], p["image_quality"]))
     storage_options = storage_options_from_env()
-    info = inspect_model(p["model"], storage_options, p["vae"])
+    info = inspect_model(p["model"], storage_options, p["vae"], p["prediction_type"], p["checkpoint_config"], p["allow_pickle"])
     defaults = resolve_defaults(
         info, p["steps"], p["guidance"], p["width"], p["height"], p["negative_prompt"], p["seed"], p["guidance_rescale"]
     )
@@ -122,6 +122,8 @@ def generate_dataset(
     out: str,
     model: str | None = None,
     vae: str | None = None,
+    checkpoint_config: str | None = None,
+    prediction_type: str | None = None,
     scheduler: str | None = None,
     steps: int | None = None,
     guidance: float | None = None,
@@ -164,7 +166,7 @@ def generate_dataset(
     report = ShardReport(plan, job.fs, job.root)
     load_seconds, generation_started = 0.0, time.time()
     if plan.shards and pool:
-        fan_out(shard_requests(plan, job.defaults, job.info, job.run, out, model, vae, dtype), pool, report.committed)
+        fan_out(shard_requests(plan, job.defaults, job.info, job.run, parameters), pool, report.committed)
     elif plan.shards:
         components = load_components_task(job.info, job.device, job.dtype, allow_pickle)
         load_seconds, generation_started = components.load_seconds, time.time()

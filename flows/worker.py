@@ -58,6 +58,9 @@ class ShardRequest:
     carried: pa.Table  # input columns carried through to the output
     keys: np.ndarray  # row keys, uint64
     vae: str | None = None  # a separate VAE as given (--vae); each worker resolves it
+    prediction_type: str | None = None  # --prediction-type, for a single-file SD 2.x checkpoint
+    checkpoint_config: str | None = None  # --model-config, a single-file checkpoint's configs
+    allow_pickle: bool = False  # --allow-pickle
 
 
 def run_shard(request: ShardRequest) -> dict:
@@ -76,13 +79,13 @@ def run_shard(request: ShardRequest) -> dict:
         f"{int(k):016x}" for k in request.keys
     ):
         return {**committed, "outcome": "already committed"}
-    info = inspect_model(request.model, storage_options, request.vae)
+    info = inspect_model(request.model, storage_options, request.vae, request.prediction_type, request.checkpoint_config, request.allow_pickle)
     if info.fingerprint != request.fingerprint:
         raise ModelError(
             f"model {info.ref} on worker {worker} is not the parent's (content fingerprint {info.fingerprint} vs "
             f"{request.fingerprint}): every worker must see the same model files, byte for byte."
         )
-    components = load_components(info, device, resolve_dtype(request.dtype, device))
+    components = load_components(info, device, resolve_dtype(request.dtype, device), request.allow_pickle)
     run = replace(request.run, storage_options=storage_options, progress=False)
     done = 0
 

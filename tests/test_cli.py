@@ -217,7 +217,7 @@ def own_server_env(home: Path, **extra: str) -> dict:
     [
         (["missing.parquet", "out"], "prompt table missing.parquet does not exist"),
         (["t.parquet", "out", "--scheduler", "karras9000"], "--scheduler 'karras9000' is not one of"),
-        (["t.parquet", "out", "--model", "./no-such-model"], "model folder ./no-such-model does not exist"),
+        (["t.parquet", "out", "--model", "./no-such-model"], "model ./no-such-model does not exist"),
         (["t.parquet", "out", "--pool", "gpus"], "--pool needs a Prefect server that the pool's workers also reach"),
     ],
     ids=["missing-table", "unknown-scheduler", "missing-model", "pool-without-api-url"],

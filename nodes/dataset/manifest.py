@@ -65,6 +65,8 @@ def build_manifest(
             "model": info.ref,
             "family": info.family,
             "vae": info.vae,
+            "checkpoint": info.checkpoint,  # a single-file checkpoint; "model" is then as given, its configs in checkpoint_config
+            "checkpoint_config": info.source if info.checkpoint else None,
             "model_fingerprint": info.fingerprint,
             "device": device,
             "dtype": dtype,
