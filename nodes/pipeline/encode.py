@@ -130,7 +130,10 @@ def _layer(encoder: TextEncoder, text_encoder, output, clip_skip: int) -> torch.
     if encoder.hidden_state is None:
         if clip_skip == 0:
             return output[0]
-        return text_encoder.text_model.final_layer_norm(output.hidden_states[-(clip_skip + 1)])
+        # transformers 5.6 flattened CLIPTextModel (no `text_model` wrapper), where diffusers 0.42 still looks for
+        # it and fails (huggingface/diffusers#14124): the layer norm is the model's own, or its wrapper's.
+        text_model = getattr(text_encoder, "text_model", text_encoder)
+        return text_model.final_layer_norm(output.hidden_states[-(clip_skip + 1)])
     return output.hidden_states[encoder.hidden_state - clip_skip]
 
 
