@@ -86,6 +86,8 @@ def test_parsing_gives_a1111s_documented_results(text, parsed):
         ("(red BREAK blue)", [("red", 1.1), None, ("blue", 1.1)]),
         ("BREAKFAST break", [("BREAKFAST break", 1.0)]),  # only the word BREAK, in capitals
         ("", [("", 1.0)]),
+        # A1111's prompt editing, alternation and AND are not sdflow's: text like any other (README, Prompts).
+        ("[a:b:10] [c|d] e AND f", [("a:b:10", 1 / 1.1), (" ", 1.0), ("c|d", 1 / 1.1), (" e AND f", 1.0)]),
     ],
 )
 def test_brackets_escapes_and_break(text, parsed):
@@ -327,6 +329,13 @@ def xl_pipe(tiny_sdxl):
 
 def xl_row(prompt, negative="", guidance=5.0, clip_skip=0, position=0, seed=5):
     return row(prompt, negative, guidance, clip_skip, position, seed, original_size=(64, 64), crops_coords_top_left=(0, 0), target_size=(64, 64))
+
+
+def test_sdxl_clip_skip_limit_counts_back_from_the_penultimate_layer(xl):
+    layers = min(xl.modules[name].config.num_hidden_layers for name in ("text_encoder", "text_encoder_2"))
+    assert batch_key(xl, xl_row("a cat", clip_skip=layers - 2))
+    with pytest.raises(PromptTableError, match=rf"clip_skip {layers - 1} .* \(0 to {layers - 2}: 0 uses the penultimate"):
+        batch_key(xl, xl_row("a cat", clip_skip=layers - 1))
 
 
 def test_sdxl_chunks_both_encoders_and_pools_the_first_chunk(xl):
