@@ -21,8 +21,7 @@ from nodes.pipeline.components import inspect_model, load_components
 from nodes.pipeline.encode import batch_key, encode_prompts, uses_guidance
 from nodes.pipeline.prompts import chunk_input_ids, parse_prompt_attention, prompt_chunks
 from nodes.shapes.builders import TOY_WORDS, toy_tokenizer_files
-from tests.support.models import save_tiny_sdxl
-from tests.support.reference import generate, max_level_difference
+from tests.support.reference import diffusers_pipeline, generate, max_level_difference
 from tests.support.tables import write_table
 
 
@@ -152,8 +151,7 @@ def sd(tiny_model):
 
 @pytest.fixture(scope="module")
 def sd_pipe(tiny_model):
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False, use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(StableDiffusionPipeline, tiny_model, safety_checker=None, requires_safety_checker=False)
     if not hasattr(pipe.text_encoder, "text_model"):
         # diffusers 0.42's clip_skip reads `text_encoder.text_model.final_layer_norm`, a wrapper transformers 5.6
         # removed (huggingface/diffusers#14124, fixed by #14043 with this same fallback): the alias lets diffusers'
@@ -281,6 +279,12 @@ def test_clip_skip_beyond_the_text_encoder_is_refused_naming_the_row(sd, tmp_pat
         resolve_defaults(info, None, None, None, None, None, 0, clip_skip=-1)
 
 
+def test_clip_skip_is_part_of_the_row_key():
+    from nodes.dataset.ingest import row_key
+
+    assert row_key(row("a cat", clip_skip=1), "euler", "m") != row_key(row("a cat"), "euler", "m")
+
+
 def test_infotext_records_clip_skip_as_a1111_counts_it():
     skipped = infotext(row("a cat", clip_skip=1), "euler", "m", "1")
     assert "Model: m, Clip skip: 2, Version: sdflow 1" in skipped
@@ -311,20 +315,13 @@ def test_long_and_weighted_prompts_batch_apart_by_chunks_and_alone_equal_batched
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> str:
-    return str(save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=3))
-
-
-@pytest.fixture(scope="module")
 def xl(tiny_sdxl):
     return load_components(inspect_model(tiny_sdxl), torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture(scope="module")
 def xl_pipe(tiny_sdxl):
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline(StableDiffusionXLPipeline, tiny_sdxl)
 
 
 def xl_row(prompt, negative="", guidance=5.0, clip_skip=0, position=0, seed=5):
