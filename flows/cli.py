@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, help="denoising steps (default: the model's, else 50)")
     gen.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it (default: the model's, else the pipeline's: 7.5, SDXL 5.0)")
     gen.add_argument("--guidance-rescale", type=float, default=0.0, help="diffusers' guidance_rescale, 0 to 1; 0.7 is usual for v-prediction models (default: 0)")
+    gen.add_argument("--clip-skip", type=int, default=0, help="diffusers' clip_skip: text encoder layers to skip, 0 for none (A1111's Clip skip minus 1; default: 0)")
     gen.add_argument("--width", type=int, help="pixels (default: the model's native size)")
     gen.add_argument("--height", type=int, help="pixels (default: the model's native size)")
     gen.add_argument("--negative-prompt", help="default negative prompt (default: none)")
@@ -397,6 +398,7 @@ def generate(args: argparse.Namespace, server) -> str:
         steps=args.steps,
         guidance=args.guidance,
         guidance_rescale=args.guidance_rescale,
+        clip_skip=args.clip_skip,
         vae=args.vae,
         checkpoint_config=args.checkpoint_config,
         prediction_type=args.prediction_type,

@@ -48,7 +48,8 @@ def check_inputs(p: dict) -> Job:
     storage_options = storage_options_from_env()
     info = inspect_model(p["model"], storage_options, p["vae"], p["prediction_type"], p["checkpoint_config"], p["allow_pickle"])
     defaults = resolve_defaults(
-        info, p["steps"], p["guidance"], p["width"], p["height"], p["negative_prompt"], p["seed"], p["guidance_rescale"]
+        info, p["steps"], p["guidance"], p["width"], p["height"], p["negative_prompt"], p["seed"], p["guidance_rescale"],
+        p["clip_skip"],
     )
     sampler = scheduler_name(p["scheduler"], info.scheduler_config)
     device = resolve_device(p["device"])
@@ -128,6 +129,7 @@ def generate_dataset(
     steps: int | None = None,
     guidance: float | None = None,
     guidance_rescale: float = 0.0,
+    clip_skip: int = 0,
     width: int | None = None,
     height: int | None = None,
     negative_prompt: str | None = None,

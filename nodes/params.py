@@ -22,6 +22,7 @@ MAX_STEPS = 1000  # the training schedule's length: schedulers cannot take more 
 MAX_SIDE = 4096  # pixels; larger sides are refused as almost certainly a mistake in the table
 MAX_SEED = 2**63 - 1  # seeds are stored as int64; torch.Generator.manual_seed accepts all of these
 MAX_PAIR = 65536  # pixels, for SDXL's size and crop conditioning (what it was trained on is far below)
+MAX_CLIP_SKIP = 100  # beyond any CLIP's depth; the model's own limit is checked against its text encoders
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class GenerationDefaults:
     seed: int  # run seed; rows without a seed get one derived from it and their id
     family: str = "sd"  # the model's family (nodes.pipeline.family): which columns its rows resolve
     guidance_rescale: float = 0.0  # diffusers' rescale_noise_cfg factor in [0, 1]; 0 leaves guidance as it is
+    clip_skip: int = 0  # diffusers' clip_skip: text encoder layers skipped before the family's own; 0 skips none
 
 
 # --- checks: a value as read from the table (or an option) -> the resolved value, or None if invalid ---
@@ -246,6 +248,12 @@ COLUMNS: tuple[Column, ...] = (
     Column(
         "target_size", tuple, "pair", pa.list_(pa.int32()), pixel_pair, f"must be [height, width], two whole numbers from 0 to {MAX_PAIR}",
         lambda d, r: (r["height"], r["width"]), families=("sdxl",), neutral=None,
+    ),
+    # diffusers' clip_skip (A1111's "Clip skip" is this plus 1); the model's own limit is checked when it is loaded.
+    Column(
+        "clip_skip", int, "integer", pa.int32(), lambda v, m: whole_number(v, 0, MAX_CLIP_SKIP),
+        "must be a whole number from 0 (no layer skipped), below the text encoder's layer count",
+        lambda d, r: d.clip_skip, neutral=0, check_array=_whole_numbers(0, MAX_CLIP_SKIP),
     ),
 )
 COLUMN_NAMES = tuple(c.name for c in COLUMNS)

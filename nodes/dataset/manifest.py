@@ -62,6 +62,7 @@ def build_manifest(
             "negative_prompt": defaults.negative_prompt,
             "seed": defaults.seed,
             "guidance_rescale": defaults.guidance_rescale,
+            "clip_skip": defaults.clip_skip,
             "model": info.ref,
             "family": info.family,
             "vae": info.vae,

@@ -74,6 +74,10 @@ def infotext(row: Row, scheduler: str, model: str, version: str) -> str:
         ("Seed", row.seed),
         ("Size", f"{row.width}x{row.height}"),
         ("Model", model),
+    ]
+    if row.clip_skip:  # A1111 counts the last layer as 1 (diffusers' 0) and writes it only from 2 on
+        fields.append(("Clip skip", row.clip_skip + 1))
+    fields += [
         ("Version", f"sdflow {version}"),
     ]
     lines = [_prompt_line(row.prompt)]
@@ -359,9 +363,9 @@ def foreign_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 
 
 # The dataset format this version writes. 2: row keys name the model by its content and cover guidance_rescale
-# (which is a column), data files are per attempt. A dataset of another format is not extended: its rows' keys
-# would never match and its shards' columns would differ from the new ones.
-DATASET_FORMAT = "sdflow-dataset/2"
+# (which is a column), data files are per attempt. 3: clip_skip, a column and in the keys. A dataset of another
+# format is not extended: its rows' keys would never match and its shards' columns would differ from the new ones.
+DATASET_FORMAT = "sdflow-dataset/3"
 
 
 def check_format(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:

@@ -20,7 +20,7 @@ from nodes.errors import RunError, SdflowError, exception_chain, name_ids
 from nodes.params import Row, RunConfig
 from nodes.pipeline.decode import decode_latents
 from nodes.pipeline.denoise import denoise, make_scheduler
-from nodes.pipeline.encode import encode_prompts
+from nodes.pipeline.encode import batch_key, encode_prompts
 from nodes.pipeline.latents import make_generators, prepare_latents
 
 log = logging.getLogger("sdflow")
@@ -121,11 +121,12 @@ def interrupt_behind(error: BaseException) -> BaseException | None:
     return next((e for e in exception_chain(error) if not isinstance(e, Exception)), None)
 
 
-def make_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:
-    """Group rows into batches of up to `batch_size` that share width, height and steps, in first-seen order."""
-    groups: dict[tuple[int, int, int], list[Row]] = {}
+def make_batches(rows: list[Row], batch_size: int, key: Callable[[Row], tuple] = lambda r: r.shape_key) -> list[list[Row]]:
+    """Group rows into batches of up to `batch_size` that share `key` (width, height and steps; the engine adds
+    the prompts' chunk count, encode.batch_key), in first-seen order."""
+    groups: dict[tuple, list[Row]] = {}
     for row in rows:
-        groups.setdefault(row.shape_key, []).append(row)
+        groups.setdefault(key(row), []).append(row)
     return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
@@ -155,7 +156,7 @@ def generate_shard_images(
     futures = []
     failed: dict[int, str] = {}
     tried: list[Row] | None = None if progress.produced else []  # the rows tried before any came out
-    for number, batch in enumerate(make_batches(rows, run.batch_size)):
+    for number, batch in enumerate(make_batches(rows, run.batch_size, lambda r: batch_key(components, r))):
         place = CURRENT_BATCH.set(BatchPlace(shard, number))
         try:
             with device_slot():
