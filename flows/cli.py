@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("out", help="output dataset folder: local path or fsspec URL")
     gen.add_argument("--model", help="diffusers-format folder, fsspec URL or hub id (default: sdflow:shapes, the embedded model)")
     gen.add_argument("--vae", help="a separate VAE to decode with: a diffusers folder, or a .safetensors file of the model's VAE architecture")
+    gen.add_argument("--embedding", action="append", metavar="PATH[:TOKEN]", help="a textual-inversion embedding (A1111 .pt/.safetensors, diffusers, SDXL clip_l/clip_g); prompts name it by TOKEN, default the file's stem; repeatable")
     gen.add_argument("--scheduler", help="sampler, e.g. euler_a or dpmpp_2m_karras; a name it does not know lists them all (default: the model's own)")
     gen.add_argument("--steps", type=int, help="denoising steps (default: the model's, else 50)")
     gen.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it (default: the model's, else the pipeline's: 7.5, SDXL 5.0)")
@@ -394,6 +395,7 @@ def generate(args: argparse.Namespace, server) -> str:
         guidance=args.guidance,
         guidance_rescale=args.guidance_rescale,
         vae=args.vae,
+        embeddings=args.embedding,
         width=args.width,
         height=args.height,
         negative_prompt=args.negative_prompt,

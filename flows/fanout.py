@@ -215,8 +215,11 @@ def fan_out(requests, pool: str, on_committed, poll_seconds: float = 0.5) -> Non
             time.sleep(poll_seconds)
 
 
-def shard_requests(plan: PromptPlan, defaults: GenerationDefaults, info: ModelInfo, run: RunConfig, out: str, model, vae, dtype):
+def shard_requests(
+    plan: PromptPlan, defaults: GenerationDefaults, info: ModelInfo, run: RunConfig, out: str, model, vae, dtype,
+    embeddings=None, allow_pickle: bool = False,
+):
     """The planned shards as requests for pool workers, streamed from the table (credentials left out)."""
     wire = replace(run, storage_options={}, progress=False)
     for shard, rows, carried, keys in iter_shard_rows(plan, defaults, info.size_multiple, run.storage_options):
-        yield ShardRequest(out, model, info.fingerprint, dtype, wire, shard, rows, carried, keys, vae)
+        yield ShardRequest(out, model, info.fingerprint, dtype, wire, shard, rows, carried, keys, vae, tuple(embeddings or ()), allow_pickle)

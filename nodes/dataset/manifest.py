@@ -65,6 +65,7 @@ def build_manifest(
             "model": info.ref,
             "family": info.family,
             "vae": info.vae,
+            "embeddings": [e.record() for e in info.embeddings],
             "model_fingerprint": info.fingerprint,
             "device": device,
             "dtype": dtype,

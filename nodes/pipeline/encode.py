@@ -10,6 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from nodes.pipeline.components import Components
+from nodes.pipeline.embeddings import expand_tokens
 from nodes.pipeline.family import TextEncoder
 from nodes.params import Row
 
@@ -34,6 +35,7 @@ def uses_guidance(guidance_scale: float) -> bool:
 def _encode(components: Components, encoder: TextEncoder, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One text encoder's embeddings (B, 77, D) of `texts`, and its pooled output where the family uses it."""
     tokenizer, text_encoder = components.modules[encoder.tokenizer], components.modules[encoder.text_encoder]
+    texts = expand_tokens(texts, components.info.embeddings)  # a multi-vector embedding's token: all its vectors
     tokens = tokenizer(
         texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     )
