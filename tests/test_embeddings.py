@@ -185,7 +185,9 @@ def test_embeddings_that_cannot_be_used_are_refused_before_any_weight_loads(tiny
     save_file({"clip_l": vectors(1, 1, 32), "clip_g": vectors(2, 1, 48)}, tmp_path / "xl.safetensors")
     save_file({"emb_params": vectors(1, 1, 48)}, tmp_path / "wide.safetensors")
     save_file({"a": vectors(1, 1, 32), "b": vectors(2, 1, 32)}, tmp_path / "two.safetensors")
+    (tmp_path / "damaged.safetensors").write_bytes(b"not safetensors")
     cases = {
+        str(tmp_path / "damaged.safetensors"): "cannot be read as an embedding file",
         str(tmp_path / "missing.safetensors"): "no such file",
         str(pt): "is a pickle file, which can run code",
         str(tmp_path / "xl.safetensors"): "is an SDXL embedding (clip_l and clip_g), but the model is Stable Diffusion 1.x/2.x",
