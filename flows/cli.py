@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="what a single-file SD 2.x checkpoint predicts (its tensors do not say): epsilon for the 512 base models, v_prediction for the 768 ones")
     gen.add_argument("--model-config", dest="checkpoint_config", help="a diffusers folder (configs suffice) describing a single-file checkpoint's architecture, for fine-tunes that differ from their family (default: sdflow's configs of the family)")
     gen.add_argument("--vae", help="a separate VAE to decode with: a diffusers folder, or a .safetensors file of the model's VAE architecture")
+    gen.add_argument("--embedding", action="append", metavar="PATH[:TOKEN]", help="a textual-inversion embedding (A1111 .pt/.safetensors, diffusers, SDXL clip_l/clip_g); prompts name it by TOKEN, default the file's stem; repeatable")
     gen.add_argument("--scheduler", help="sampler, e.g. euler_a or dpmpp_2m_karras; a name it does not know lists them all (default: the model's own)")
     gen.add_argument("--steps", type=int, help="denoising steps (default: the model's, else 50)")
     gen.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it (default: the model's, else the pipeline's: 7.5, SDXL 5.0)")
@@ -402,6 +403,7 @@ def generate(args: argparse.Namespace, server) -> str:
         vae=args.vae,
         checkpoint_config=args.checkpoint_config,
         prediction_type=args.prediction_type,
+        embeddings=args.embedding,
         width=args.width,
         height=args.height,
         negative_prompt=args.negative_prompt,

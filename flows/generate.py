@@ -21,6 +21,7 @@ from nodes.errors import SdflowError
 from nodes.params import GenerationDefaults, RunConfig, image_format, image_format_rule
 from nodes.pipeline.components import ModelInfo, inspect_model, load_components_task, resolve_device, resolve_dtype
 from nodes.pipeline.denoise import scheduler_name
+from nodes.pipeline.embeddings import with_embeddings
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,10 @@ def check_inputs(p: dict) -> Job:
     if image is None:
         raise SdflowError(image_format_rule(p["image_format"], p["image_quality"]))
     storage_options = storage_options_from_env()
-    info = inspect_model(p["model"], storage_options, p["vae"], p["prediction_type"], p["checkpoint_config"], p["allow_pickle"])
+    info = with_embeddings(
+        inspect_model(p["model"], storage_options, p["vae"], p["prediction_type"], p["checkpoint_config"], p["allow_pickle"]),
+        p["embeddings"], p["allow_pickle"],
+    )
     defaults = resolve_defaults(
         info, p["steps"], p["guidance"], p["width"], p["height"], p["negative_prompt"], p["seed"], p["guidance_rescale"],
         p["clip_skip"],
@@ -125,6 +129,7 @@ def generate_dataset(
     vae: str | None = None,
     checkpoint_config: str | None = None,
     prediction_type: str | None = None,
+    embeddings: list[str] | None = None,
     scheduler: str | None = None,
     steps: int | None = None,
     guidance: float | None = None,
@@ -152,6 +157,7 @@ def generate_dataset(
     or SDFLOW_STORAGE_OPTIONS, never from parameters. `image_format` is png (lossless), webp or jpeg; `image_quality`
     (1 to 100) makes WebP lossy and sets JPEG's (default 95). With `pool`, shards run on the task workers serving
     that pool (`sdflow worker --pool NAME`), which write to `out` themselves; without, in this process.
+    `embeddings`: textual-inversion files as `PATH[:TOKEN]` (the token defaults to the file's stem).
     """
     parameters = {k: v for k, v in locals().items() if k != "progress"}
     started = time.time()

@@ -33,6 +33,7 @@ from nodes.errors import ModelError
 from nodes.params import Row, RunConfig
 from nodes.pipeline.batch import generate_shard_images
 from nodes.pipeline.components import inspect_model, load_components, resolve_device, resolve_dtype
+from nodes.pipeline.embeddings import with_embeddings
 
 POOL_PREFIX = "generate_shard__"  # task keys: generate_shard__POOL__WORKER-codehash
 DEVICE_ENV = "SDFLOW_DEVICE"  # the device a worker generates on: cpu, cuda, cuda:N
@@ -60,7 +61,8 @@ class ShardRequest:
     vae: str | None = None  # a separate VAE as given (--vae); each worker resolves it
     prediction_type: str | None = None  # --prediction-type, for a single-file SD 2.x checkpoint
     checkpoint_config: str | None = None  # --model-config, a single-file checkpoint's configs
-    allow_pickle: bool = False  # --allow-pickle
+    embeddings: tuple[str, ...] = ()  # textual inversion as given (--embedding PATH[:TOKEN]); each worker reads them
+    allow_pickle: bool = False  # --allow-pickle: pickle model checkpoints and embeddings may load
 
 
 def run_shard(request: ShardRequest) -> dict:
@@ -79,7 +81,10 @@ def run_shard(request: ShardRequest) -> dict:
         f"{int(k):016x}" for k in request.keys
     ):
         return {**committed, "outcome": "already committed"}
-    info = inspect_model(request.model, storage_options, request.vae, request.prediction_type, request.checkpoint_config, request.allow_pickle)
+    info = with_embeddings(
+        inspect_model(request.model, storage_options, request.vae, request.prediction_type, request.checkpoint_config, request.allow_pickle),
+        request.embeddings, request.allow_pickle,
+    )
     if info.fingerprint != request.fingerprint:
         raise ModelError(
             f"model {info.ref} on worker {worker} is not the parent's (content fingerprint {info.fingerprint} vs "

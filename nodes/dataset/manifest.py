@@ -68,6 +68,7 @@ def build_manifest(
             "vae": info.vae,
             "checkpoint": info.checkpoint,  # a single-file checkpoint; "model" is then as given, its configs in checkpoint_config
             "checkpoint_config": info.source if info.checkpoint else None,
+            "embeddings": [e.record() for e in info.embeddings],
             "model_fingerprint": info.fingerprint,
             "device": device,
             "dtype": dtype,

@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 
 from nodes.errors import ModelError
 from nodes.pipeline.checkpoint import CHECKPOINT_SUFFIXES, checkpoint_kind, is_checkpoint_file, load_checkpoint_modules, read_shapes, resolve_prediction_type, shipped_config
+from nodes.pipeline.embeddings import Embedding, load_embeddings
 from nodes.pipeline.family import FAMILIES, ModelFamily, family_of
 
 log = logging.getLogger("sdflow")
@@ -65,6 +66,7 @@ class ModelInfo:
     force_zeros_for_empty_prompt: bool = False  # the pipeline's config: an empty negative prompt is zeros (SDXL)
     vae: str | None = None  # a separate VAE (folder or single file) in place of the model's own; in the fingerprint
     checkpoint: str | None = None  # a single-file checkpoint holding the weights; `source` is then its configs' folder
+    embeddings: tuple[Embedding, ...] = ()  # textual inversion (--embedding), added at load; in the fingerprint (with_embeddings)
 
 
 @dataclass
@@ -551,6 +553,7 @@ def load_components(
     Weights load from safetensors only: pickle checkpoints (.bin, .ckpt) can run code when loaded, so they
     are refused unless `allow_pickle`, and then with a warning.
     """
+    # With embeddings (in the fingerprint) it is another copy: they mutate its tokenizers and text encoders.
     key = (info.source, info.fingerprint, str(device), dtype)  # a folder whose files were replaced is another model
     with _load_lock:
         if key in _loaded:
@@ -580,6 +583,7 @@ def load_components(
             if not allow_pickle and "safetensors" in str(e).lower():
                 hint = " Its weights are not in safetensors; pass --allow-pickle to load pickle checkpoints (they can run code)."
             raise ModelError(f"model {info.ref} cannot be loaded: {e}{hint}") from None
+        load_embeddings(info.embeddings, FAMILIES[info.family], modules, info.ref)
         # Convolutions run faster on NHWC weights: measured ~10 % off the U-Net's time on CPU (oneDNN), and
         # the usual win for cuDNN in half precision. Outputs stay within float rounding of NCHW's.
         single_file_modules.cache_clear()  # the checkpoint's other modules, once taken, are not kept twice

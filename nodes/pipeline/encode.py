@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from nodes.errors import PromptTableError
 from nodes.pipeline.components import Components
+from nodes.pipeline.embeddings import expand_tokens
 from nodes.pipeline.family import TextEncoder
 from nodes.pipeline.prompts import Chunk, chunk_input_ids, empty_chunk, has_syntax, prompt_chunks
 from nodes.params import Row
@@ -50,6 +51,7 @@ def chunk_count(components: Components, row: Row) -> int:
     """How many 75-token chunks the row's embeddings have: its prompt's, or its negative prompt's if longer and
     the row uses guidance (the shorter is padded with empty chunks, as A1111 pads it)."""
     texts = [row.prompt] + ([row.negative_prompt] if uses_guidance(row.guidance_scale) else [])
+    texts = expand_tokens(texts, components.info.embeddings)  # as _encode reads them
     return max(len(_chunks(tokenizer, text)) for tokenizer in _tokenizers(components) for text in texts)
 
 
@@ -143,6 +145,7 @@ def _encode(
     """One text encoder's embeddings (B, 77 * count, D) of `texts`, and its pooled output of each text's first chunk
     where the family uses it (A1111 pools the first chunk too)."""
     tokenizer, text_encoder = components.modules[encoder.tokenizer], components.modules[encoder.text_encoder]
+    texts = expand_tokens(texts, components.info.embeddings)  # a multi-vector embedding's token: all its vectors
     ids, attention, weights = _text_inputs(tokenizer, texts, count)
     mask = None
     if getattr(text_encoder.config, "use_attention_mask", False):
