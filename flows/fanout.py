@@ -215,7 +215,7 @@ def fan_out(requests, pool: str, on_committed, poll_seconds: float = 0.5) -> Non
             time.sleep(poll_seconds)
 
 
-def shard_requests(plan: PromptPlan, defaults: GenerationDefaults, info: ModelInfo, run: RunConfig, out: str, p: dict):
+def shard_requests(plan: PromptPlan, defaults: GenerationDefaults, info: ModelInfo, run: RunConfig, p: dict):
     """The planned shards as requests for pool workers, streamed from the table (credentials left out); `p` holds
     the run's model options as given (each worker resolves them)."""
     wire = replace(run, storage_options={}, progress=False)

@@ -3,6 +3,8 @@ on SD and SDXL; embeddings are part of the model's identity, and never leak into
 
 from __future__ import annotations
 
+import inspect
+
 import hashlib
 import io
 import re
@@ -254,14 +256,13 @@ def test_a_pool_worker_reads_the_embeddings_from_its_request(prefect_api, tiny_m
 
     table = write_table(tmp_path / "t.parquet", [{"id": i, "prompt": p} for i, p in enumerate(["a pekora circle", "a red square"])])
     embeddings = [str(sd_embeddings["a1111-pt"][0])]
-    options = dict(model=tiny_model, vae=None, embeddings=embeddings, allow_pickle=True, scheduler="euler", steps=None,
-                   guidance=None, guidance_rescale=0.0, width=None, height=None, negative_prompt=None, seed=0,
-                   device=None, dtype=None, batch_size=8, shard_size=256, batches_in_flight=1, image_format="png",
-                   image_quality=None, progress=False)
     out = tmp_path / "pool-out"
-    job = check_inputs({**options, "out": str(out)})
+    flow_defaults = {k: v.default for k, v in inspect.signature(generate_here.fn).parameters.items() if v.default is not v.empty}
+    options = {**flow_defaults, "prompts": table, "out": str(out), "model": tiny_model, "embeddings": embeddings,
+               "allow_pickle": True, "scheduler": "euler", "batches_in_flight": 1}
+    job = check_inputs(options)
     plan = plan_prompt_table(table, job.defaults, job.info.size_multiple, 256, identity=(job.run.sampler, job.info.fingerprint, job.run.image.key))
-    (request,) = shard_requests(plan, job.defaults, job.info, job.run, str(out), tiny_model, None, None, embeddings, True)
+    (request,) = shard_requests(plan, job.defaults, job.info, job.run, options)
     with pytest.raises(ModelError, match="is not the parent's"):
         run_shard(replace(request, embeddings=()))
     flow(name="a-worker's-shard")(run_shard)(request)  # the engine submits its stages to a flow's task runner
