@@ -21,9 +21,17 @@ def project_modules() -> dict[str, Path]:
 
 
 def imports(path: Path) -> list[tuple[str, str | None, int]]:
-    """Every import in a module, at any depth (inside functions too): (module, name or None, line)."""
+    """Every import in a module that can run, at any depth (inside functions too): (module, name or None, line).
+    Imports under `if TYPE_CHECKING:` never run (annotations only), so they make no cycle."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+        for inner in ast.walk(node)
+    }
+    for node in (n for n in ast.walk(tree) if id(n) not in typing_only):
         if isinstance(node, ast.Import):
             found += [(alias.name, None, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
