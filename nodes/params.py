@@ -54,6 +54,16 @@ SAMPLERS: dict[str, Sampler] = {
 
 
 @dataclass(frozen=True)
+class Lora:
+    """A LoRA file applied at a weight: one adapter of a row's set."""
+
+    name: str  # its file's stem, as AUTOMATIC1111 names LoRAs (written to the dataset and the infotext)
+    path: str  # where it was read
+    sha256: str  # the file's content (hex): its identity in the row key, the manifest and the infotext
+    weight: float  # diffusers' adapter weight (set_adapters), A1111's <lora:name:weight>
+
+
+@dataclass(frozen=True)
 class GenerationDefaults:
     """Run-level values; a row's own non-null column overrides each of them."""
 
@@ -65,6 +75,8 @@ class GenerationDefaults:
     seed: int  # run seed; rows without a seed get one derived from it and their id
     family: str = "sd"  # the model's family (nodes.pipeline.family): which columns its rows resolve
     guidance_rescale: float = 0.0  # diffusers' rescale_noise_cfg factor in [0, 1]; 0 leaves guidance as it is
+    loras: tuple[Lora, ...] | None = None  # --lora, for every row; None: the run uses no LoRA (rows' loras stay None)
+    lora_dir: str | None = None  # --lora-dir: where a LoRA named without a path is found, as NAME.safetensors
 
 
 # --- checks: a value as read from the table (or an option) -> the resolved value, or None if invalid ---
@@ -124,13 +136,45 @@ def _pair(t: pa.DataType) -> bool:
     return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) and _numeric(t.value_type)
 
 
+def _loras(t: pa.DataType) -> bool:
+    """A list of structs with a `name` or a `path` (text) and a `weight` (a number)."""
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
+        return False
+    fields = {f.name: f.type for f in t.value_type}
+    names = [fields[n] for n in ("name", "path") if n in fields]
+    return bool(names) and all(_text(n) for n in names) and "weight" in fields and _numeric(fields["weight"])
+
+
 KINDS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
     "id": (lambda t: pa.types.is_integer(t) or _text(t), "an integer or a string"),
     "text": (_text, "a string"),
     "integer": (_numeric, "an integer"),
     "number": (_numeric, "a number"),
     "pair": (_pair, "a list of two integers"),
+    "loras": (_loras, "a list of structs {name or path: string, weight: number}"),
 }
+
+# The `loras` column as the dataset holds it (and as a prompt table may give it, or with `path` for `name`).
+LORAS_TYPE = pa.list_(pa.struct([("name", pa.string()), ("weight", pa.float64())]))
+LORAS_RULE = (  # a format string (Column.rule): braces doubled
+    "must be a list of {{name or path, weight}}: a LoRA named by its file's stem in --lora-dir or by the path of its "
+    ".safetensors file, at a finite weight, each LoRA once (so must the prompt's <lora:name:weight> tags, which need "
+    "--lora-dir)"
+)
+
+
+def _loras_key(loras: tuple[Lora, ...] | None) -> list | None:
+    return [[lora.sha256, lora.weight] for lora in loras] if loras else None
+
+
+def _loras_written(loras: tuple[Lora, ...] | None) -> list | None:
+    return None if loras is None else [{"name": lora.name, "weight": lora.weight} for lora in loras]
+
+
+def _resolve_loras(value, defaults, row, in_table):
+    from nodes.pipeline.adapters import resolve_row_loras  # reads and hashes files: only where a run uses LoRA
+
+    return resolve_row_loras(value, defaults, row, in_table)
 
 
 def pixel_pair(value, _m) -> tuple[int, int] | None:
@@ -142,6 +186,7 @@ def pixel_pair(value, _m) -> tuple[int, int] | None:
 
 
 REQUIRED = object()  # a Column's `neutral` where a Row must always be given the column
+INVALID = object()  # what a Column's `resolve` returns for a value it refuses
 
 
 @dataclass(frozen=True)
@@ -164,6 +209,11 @@ class Column:
     # it accepts. Given an int64/uint64 NumPy array for integer columns, an Arrow string array for text (nulls: any
     # answer). None: `check` is called per distinct value or per row. Must agree with `check` value for value.
     check_array: Callable[[Any, int], np.ndarray] | None = None
+    # In place of check and default, for a column resolved against the run and the rest of its row: (value, run
+    # defaults, the row's columns resolved so far, whether the table has the column) -> the value, or INVALID.
+    resolve: Callable[[Any, GenerationDefaults, dict, bool], Any] | None = None
+    key_value: Callable[[Any], Any] | None = None  # what of a value enters the row key (None: left out); default all
+    written_value: Callable[[Any], Any] | None = None  # a value as the dataset holds it; default as it is
 
 
 def is_blank(text: str) -> bool:
@@ -247,6 +297,13 @@ COLUMNS: tuple[Column, ...] = (
         "target_size", tuple, "pair", pa.list_(pa.int32()), pixel_pair, f"must be [height, width], two whole numbers from 0 to {MAX_PAIR}",
         lambda d, r: (r["height"], r["width"]), families=("sdxl",), neutral=None,
     ),
+    # The row's LoRA set: the run's --lora, its own `loras` and its prompt's <lora:name:weight> tags (nodes.pipeline.
+    # adapters.resolve_row_loras). None where the run uses no LoRA; () for a row without one in a run that does. Only
+    # content and weight enter the key, and only a non-empty set: rows without LoRA keep the keys they had before.
+    Column(
+        "loras", tuple, "loras", LORAS_TYPE, lambda v, m: v, LORAS_RULE, neutral=None,
+        resolve=lambda v, d, r, in_table: _resolve_loras(v, d, r, in_table), key_value=_loras_key, written_value=_loras_written,
+    ),
 )
 COLUMN_NAMES = tuple(c.name for c in COLUMNS)
 
@@ -255,9 +312,9 @@ RUN_COLUMNS = ("scheduler", "model")
 OUTPUT_COLUMNS = ("image",) + COLUMN_NAMES + RUN_COLUMNS
 
 
-def _shape_key(self) -> tuple[int, int, int]:
-    """Rows that share this key can share a batch: (width, height, steps)."""
-    return (self.width, self.height, self.steps)
+def _shape_key(self) -> tuple:
+    """Rows that share this key can share a batch: (width, height, steps, their LoRA set: (content, weight) pairs)."""
+    return (self.width, self.height, self.steps, tuple((lora.sha256, lora.weight) for lora in self.loras or ()))
 
 
 # One prompt-table row with every generation parameter resolved: `position` (0-based, in the table), then one

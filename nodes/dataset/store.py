@@ -74,8 +74,10 @@ def infotext(row: Row, scheduler: str, model: str, version: str) -> str:
         ("Seed", row.seed),
         ("Size", f"{row.width}x{row.height}"),
         ("Model", model),
-        ("Version", f"sdflow {version}"),
     ]
+    if row.loras:  # as A1111 records the LoRAs of a prompt: "name: short hash, ..."
+        fields.append(("Lora hashes", ", ".join(f"{lora.name}: {lora.sha256[:12]}" for lora in row.loras)))
+    fields.append(("Version", f"sdflow {version}"))
     lines = [_prompt_line(row.prompt)]
     if row.negative_prompt:
         lines.append(f"Negative prompt: {_prompt_line(row.negative_prompt)}")
@@ -223,8 +225,9 @@ def shard_table(rows: list[Row], encoded: dict[int, bytes], carried: pa.Table, s
     columns = {"image": images}
     for column in COLUMNS:
         values = [getattr(r, column.name) for r in rows]
-        if column.families is None or any(v is not None for v in values):  # a family's own columns, for its rows
-            columns[column.name] = pa.array(values, column.written)
+        if column.neutral is not None or any(v is not None for v in values):  # a family's own columns, for its rows
+            written = [column.written_value(v) for v in values] if column.written_value else values
+            columns[column.name] = pa.array(written, column.written)
     columns["scheduler"] = pa.array([scheduler] * len(rows), pa.string())
     columns["model"] = pa.array([model] * len(rows), pa.string())
     for field in carried.schema:  # as the table holds them, where every reader can load that (loadable_type)

@@ -18,6 +18,7 @@ import torch
 
 from nodes.errors import RunError, SdflowError, exception_chain, name_ids
 from nodes.params import Row, RunConfig
+from nodes.pipeline.adapters import active_set, use_loras
 from nodes.pipeline.decode import decode_latents
 from nodes.pipeline.denoise import denoise, make_scheduler
 from nodes.pipeline.encode import encode_prompts
@@ -63,6 +64,7 @@ def generate_batch(components, scheduler: str | None, rows: list[Row], failed: d
     retry never changes an image), and a row that still fails is recorded in `failed` (position -> error) and
     left out, so the rest of the run goes on (the caller reports it). Input errors stop the run.
     """
+    use_loras(components, rows[0].loras)  # a batch shares its LoRA set (Row.shape_key); a no-op when it is active
     try:
         sched = make_scheduler(scheduler, components.info.scheduler_config, rows[0].steps, components.device)
         generators = make_generators(rows)
@@ -121,12 +123,17 @@ def interrupt_behind(error: BaseException) -> BaseException | None:
     return next((e for e in exception_chain(error) if not isinstance(e, Exception)), None)
 
 
-def make_batches(rows: list[Row], batch_size: int) -> list[list[Row]]:
-    """Group rows into batches of up to `batch_size` that share width, height and steps, in first-seen order."""
-    groups: dict[tuple[int, int, int], list[Row]] = {}
+def make_batches(rows: list[Row], batch_size: int, active: tuple = ()) -> list[list[Row]]:
+    """Group rows into batches of up to `batch_size` that share width, height, steps and LoRA set (Row.shape_key).
+
+    Groups of one LoRA set run one after another, the set `active` now first, then the others in a fixed order (so a
+    shard costs one adapter switch per set, and the next shard starts where this one ended); otherwise first-seen.
+    """
+    groups: dict[tuple, list[Row]] = {}
     for row in rows:
         groups.setdefault(row.shape_key, []).append(row)
-    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+    ordered = sorted(groups.items(), key=lambda item: (item[0][3] != active, item[0][3]))  # stable: first-seen within
+    return [group[i : i + batch_size] for _, group in ordered for i in range(0, len(group), batch_size)]
 
 
 def generate_shard_images(
@@ -155,7 +162,7 @@ def generate_shard_images(
     futures = []
     failed: dict[int, str] = {}
     tried: list[Row] | None = None if progress.produced else []  # the rows tried before any came out
-    for number, batch in enumerate(make_batches(rows, run.batch_size)):
+    for number, batch in enumerate(make_batches(rows, run.batch_size, active_set(components))):
         place = CURRENT_BATCH.set(BatchPlace(shard, number))
         try:
             with device_slot():

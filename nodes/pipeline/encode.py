@@ -9,6 +9,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from nodes.pipeline.adapters import without_lora_tags
 from nodes.pipeline.components import Components
 from nodes.pipeline.family import TextEncoder
 from nodes.params import Row
@@ -80,7 +81,7 @@ def encode_prompts(components: Components, rows: list[Row]) -> PromptEmbeds:
             which.replace("_", " "),
             components.tokenizer.model_max_length,
         )
-    embeds, pooled = _encode_all(components, [r.prompt for r in rows])
+    embeds, pooled = _encode_all(components, [without_lora_tags(r.prompt) for r in rows])
     negative = negative_pooled = None
     if any(uses_guidance(r.guidance_scale) for r in rows):
         negative, negative_pooled = _encode_all(components, [r.negative_prompt for r in rows])
