@@ -61,6 +61,7 @@ class Lora:
     path: str  # where it was read
     sha256: str  # the file's content (hex): its identity in the row key, the manifest and the infotext
     weight: float  # diffusers' adapter weight (set_adapters), A1111's <lora:name:weight>
+    short_hash: str = ""  # what A1111's infotext gives as its hash (nodes.pipeline.adapters.a1111_hash), 12 hex digits
 
 
 @dataclass(frozen=True)
@@ -171,11 +172,6 @@ def _loras_written(loras: tuple[Lora, ...] | None) -> list | None:
     return None if loras is None else [{"name": lora.name, "weight": lora.weight} for lora in loras]
 
 
-def _resolve_loras(value, defaults, row, in_table):
-    from nodes.pipeline.adapters import resolve_row_loras  # reads and hashes files: only where a run uses LoRA
-
-    return resolve_row_loras(value, defaults, row, in_table)
-
 
 def pixel_pair(value, _m) -> tuple[int, int] | None:
     """Two whole numbers from 0 to MAX_PAIR, as a tuple (a diffusers size or crop: (height, width), (top, left))."""
@@ -186,7 +182,7 @@ def pixel_pair(value, _m) -> tuple[int, int] | None:
 
 
 REQUIRED = object()  # a Column's `neutral` where a Row must always be given the column
-INVALID = object()  # what a Column's `resolve` returns for a value it refuses
+INVALID = object()  # what a column's resolver (nodes.dataset.ingest.RESOLVERS) returns for a value it refuses
 
 
 @dataclass(frozen=True)
@@ -209,9 +205,6 @@ class Column:
     # it accepts. Given an int64/uint64 NumPy array for integer columns, an Arrow string array for text (nulls: any
     # answer). None: `check` is called per distinct value or per row. Must agree with `check` value for value.
     check_array: Callable[[Any, int], np.ndarray] | None = None
-    # In place of check and default, for a column resolved against the run and the rest of its row: (value, run
-    # defaults, the row's columns resolved so far, whether the table has the column) -> the value, or INVALID.
-    resolve: Callable[[Any, GenerationDefaults, dict, bool], Any] | None = None
     key_value: Callable[[Any], Any] | None = None  # what of a value enters the row key (None: left out); default all
     written_value: Callable[[Any], Any] | None = None  # a value as the dataset holds it; default as it is
 
@@ -297,12 +290,12 @@ COLUMNS: tuple[Column, ...] = (
         "target_size", tuple, "pair", pa.list_(pa.int32()), pixel_pair, f"must be [height, width], two whole numbers from 0 to {MAX_PAIR}",
         lambda d, r: (r["height"], r["width"]), families=("sdxl",), neutral=None,
     ),
-    # The row's LoRA set: the run's --lora, its own `loras` and its prompt's <lora:name:weight> tags (nodes.pipeline.
-    # adapters.resolve_row_loras). None where the run uses no LoRA; () for a row without one in a run that does. Only
+    # The row's LoRA set: the run's --lora, its own `loras` and its prompt's <lora:name:weight> tags, resolved against
+    # the run and the row's prompt (nodes.dataset.ingest.RESOLVERS, not check and default). None where the run uses no LoRA; () for a row without one in a run that does. Only
     # content and weight enter the key, and only a non-empty set: rows without LoRA keep the keys they had before.
     Column(
         "loras", tuple, "loras", LORAS_TYPE, lambda v, m: v, LORAS_RULE, neutral=None,
-        resolve=lambda v, d, r, in_table: _resolve_loras(v, d, r, in_table), key_value=_loras_key, written_value=_loras_written,
+        key_value=_loras_key, written_value=_loras_written,
     ),
 )
 COLUMN_NAMES = tuple(c.name for c in COLUMNS)

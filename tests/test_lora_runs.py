@@ -3,6 +3,7 @@ in the dataset, its infotext and the manifest; mistakes refused in one paragraph
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pyarrow as pa
@@ -17,6 +18,12 @@ from nodes.shapes.builders import ToyModelConfig, save_toy_model
 from tests.support.loras import lora_layers, save_kohya_lora, save_peft_lora
 from tests.support.runs import assert_clean_failure, run_cli
 from tests.support.tables import write_table
+
+
+def addnet_hash(path) -> str:
+    """AUTOMATIC1111's hash of a LoRA file (modules/hashes.py addnet_hash_safetensors): sha256 after the header."""
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +76,7 @@ def test_run_and_row_loras_are_keyed_recorded_and_resumed_exactly(prefect_api, s
     sha = {name: lora_file(setup["loras"] / f"{name}.safetensors", 1.0, "").sha256 for name in ("style", "subject")}
     infotext = {r["id"]: image_parameters(r["image"]["bytes"]) for r in data}
     assert infotext["tag"].splitlines()[0] == "a green triangle <lora:subject:-0.4>"  # the prompt as written
-    hashes = sorted([f"style: {sha['style'][:12]}", f"subject: {sha['subject'][:12]}"], key=lambda h: sha[h.split(":")[0]])
+    hashes = sorted([f"{n}: {addnet_hash(setup['loras'] / f'{n}.safetensors')}" for n in sha], key=lambda h: sha[h.split(":")[0]])
     assert f'Lora hashes: "{", ".join(hashes)}"' in infotext["column"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["resolved"]["loras"] == [{"name": "style", "sha256": sha["style"], "weight": 0.5}]

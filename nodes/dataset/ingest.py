@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from nodes.dataset.store import loadable_type
 from nodes.errors import PromptTableError, StorageError, name_ids
+from nodes.pipeline.adapters import resolve_row_loras
 from nodes.pipeline.components import ModelInfo
 from nodes.params import (
     COLUMN_NAMES,
@@ -41,6 +42,10 @@ from nodes.params import (
     unit_fraction,
     whole_number,
 )
+
+# Columns resolved against the run and the rest of their row, in place of their check and default: (value, run
+# defaults, the row's columns resolved so far, whether the table has the column) -> the value, or INVALID.
+RESOLVERS: dict[str, Callable] = {"loras": resolve_row_loras}
 
 SCAN_ROWS = 65_536  # rows per record batch in the planning pass: a few MB of control columns
 READ_BUFFER = 4 << 20  # bytes read at a time from a column chunk, however large its row group
@@ -274,8 +279,8 @@ def resolve_rows(
     for i, row_values in enumerate(zip(*read)):
         resolved = {}
         for column, value in zip(columns, row_values):
-            if column.resolve is not None:  # resolved against the run and the row (LoRA sets)
-                resolved[column.name] = column.resolve(value, defaults, resolved, column.name in chunk.column_names)
+            if column.name in RESOLVERS:  # resolved against the run and the row (LoRA sets)
+                resolved[column.name] = RESOLVERS[column.name](value, defaults, resolved, column.name in chunk.column_names)
                 if resolved[column.name] is INVALID:
                     invalid[start + i] = (row_values[0], (column.name, column.rule.format(m=size_multiple)))
                     break
@@ -454,7 +459,7 @@ class _ColumnResolver:
             self.python[name] = lambda i: self.start + i
             self.fragments[name] = pa.array(np.arange(self.start, self.start + self.n, dtype=np.int64)).cast(pa.string())
             return
-        if column.resolve is not None:
+        if column.name in RESOLVERS:
             self._resolve_per_row(column)
             return
         values = _arrow_column(self.chunk, name) if name in self.chunk.column_names else pa.nulls(self.n)
@@ -484,7 +489,7 @@ class _ColumnResolver:
         self.fragments[name] = fragments
 
     def _resolve_per_row(self, column) -> None:
-        """A column resolved against the run and the row (Column.resolve), row by row, as resolve_rows does; its key
+        """A column resolved against the run and the row (RESOLVERS), row by row, as resolve_rows does; its key
         fragment is null where Column.key_value leaves it out. Where the run uses no LoRA and the table has no such
         column, only the rows whose prompt holds a tag are looked at."""
         in_table = column.name in self.chunk.column_names
@@ -498,7 +503,7 @@ class _ColumnResolver:
         newly = np.zeros(self.n, dtype=bool)
         for i in rows.tolist():
             view = _RowView(self.python, i)
-            value = column.resolve(raw[i], self.defaults, view, in_table)
+            value = RESOLVERS[column.name](raw[i], self.defaults, view, in_table)
             if value is INVALID:
                 newly[i] = True
             else:

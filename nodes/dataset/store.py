@@ -75,8 +75,9 @@ def infotext(row: Row, scheduler: str, model: str, version: str) -> str:
         ("Size", f"{row.width}x{row.height}"),
         ("Model", model),
     ]
-    if row.loras:  # as A1111 records the LoRAs of a prompt: "name: short hash, ..."
-        fields.append(("Lora hashes", ", ".join(f"{lora.name}: {lora.sha256[:12]}" for lora in row.loras)))
+    if row.loras:  # as A1111 records the LoRAs of a prompt: "name: short hash, ..." (its names without : and ,)
+        names = [lora.name.replace(":", "").replace(",", "") for lora in row.loras]
+        fields.append(("Lora hashes", ", ".join(f"{name}: {lora.short_hash}" for name, lora in zip(names, row.loras))))
     fields.append(("Version", f"sdflow {version}"))
     lines = [_prompt_line(row.prompt)]
     if row.negative_prompt:

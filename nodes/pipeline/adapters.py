@@ -37,7 +37,7 @@ def without_lora_tags(prompt: str) -> str:
 
 # --- naming LoRAs: files and their content ---
 
-_files: dict[tuple, tuple[str, str]] = {}  # (path, size, mtime_ns, inode) -> (path, sha256): each file hashed once
+_files: dict[tuple, tuple[str, str, str]] = {}  # (path, size, mtime_ns, inode) -> (path, sha256, A1111's): hashed once
 _named_by: dict[str, str] = {}  # sha256 -> who first named it (an option, a row), for messages about the file
 _named: dict[str, dict] = {}  # sha256 -> {name, path, sha256} of each file the run names (see forget_named)
 
@@ -52,11 +52,11 @@ def lora_file(path: Path, weight: float, named_by: str) -> Lora | None:
         return None
     identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
     if identity not in _files:  # sha256 from sdflow's hash cache (by file identity): a large file is read once
-        _files[identity] = (str(path), _hash_files(hashlib.sha256(), [(path.name, path)])[0])
-    where, sha256 = _files[identity]
+        _files[identity] = (str(path), _hash_files(hashlib.sha256(), [(path.name, path)])[0], a1111_hash(path))
+    where, sha256, short_hash = _files[identity]
     _named_by.setdefault(sha256, named_by)
     _named.setdefault(sha256, {"name": path.stem, "path": where, "sha256": sha256})
-    return Lora(path.stem, where, sha256, weight)
+    return Lora(path.stem, where, sha256, weight, short_hash)
 
 
 def parse_lora_option(text: str) -> tuple[str, float | None]:
@@ -137,9 +137,22 @@ def _tag_weight(text: str) -> float | None:
         return None
 
 
-def a1111_hash(lora: Lora) -> str:
-    """The short hash the infotext's `Lora hashes` gives: the first 12 hex digits of the file's sha256."""
-    return lora.sha256[:12]
+def a1111_hash(path: Path) -> str:
+    """The hash AUTOMATIC1111's infotext gives a LoRA (`Lora hashes`), by which readers and Civitai find the file: the
+    `sshs_model_hash` of its metadata where it has one, else the sha256 of the file after its safetensors header
+    (A1111's "addnet" hash, so that editing the metadata keeps it); 12 hex digits. "" for a file that is not safetensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = (f.metadata() or {}).get("sshs_model_hash")
+        if stored:
+            return stored[:12]
+        with open(path, "rb") as f:
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+            return hashlib.file_digest(f, "sha256").hexdigest()[:12]
+    except Exception:  # not a safetensors file: loading it says so, naming it
+        return ""
 
 
 # --- adapters on the loaded components ---
