@@ -172,7 +172,6 @@ def _loras_written(loras: tuple[Lora, ...] | None) -> list | None:
     return None if loras is None else [{"name": lora.name, "weight": lora.weight} for lora in loras]
 
 
-
 def pixel_pair(value, _m) -> tuple[int, int] | None:
     """Two whole numbers from 0 to MAX_PAIR, as a tuple (a diffusers size or crop: (height, width), (top, left))."""
     if not isinstance(value, (list, tuple)) or len(value) != 2:

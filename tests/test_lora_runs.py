@@ -122,3 +122,18 @@ def test_mistakes_stop_the_run_before_any_image(prefect_api, setup, tmp_path, ca
     code, err = generate(capsys, setup, table, out, *options)
     assert_clean_failure(code, err, out, *phrases)
     assert not list(out.glob("data/*.parquet"))
+
+
+def test_batches_group_rows_by_lora_set_the_active_set_first():
+    from nodes.params import Lora, Row
+    from nodes.pipeline.batch import make_batches
+
+    a, b = Lora("a", "a.safetensors", "aa", 0.5), Lora("b", "b.safetensors", "bb", 1.0)
+    sets = [None, (a,), (a, b), (a,)]  # interleaved row by row, as a table may hold them
+    rows = [Row(i, i, "p", "", i, 4, 7.5, 64, 64, loras=sets[i % 4]) for i in range(12)]
+    batches = make_batches(rows, 2, active=(("aa", 0.5), ("bb", 1.0)))
+    keys = [{r.shape_key for r in batch} for batch in batches]
+    assert all(len(k) == 1 for k in keys)
+    order = [r.loras for batch in batches for r in batch]
+    switches = sum(1 for x, y in zip(order, order[1:]) if x != y)
+    assert order[0] == (a, b) and switches == 2  # the active set goes on, then each other set once

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,7 +218,8 @@ def load_lora(components: Components, lora: Lora) -> str:
     except Exception as e:  # not safetensors, damaged
         raise ModelError(f"{what} cannot be read as a .safetensors LoRA ({type(e).__name__}: {e}).") from None
     try:
-        pipe.load_lora_weights(lora.path, adapter_name=name)
+        with _quiet_transformers():
+            pipe.load_lora_weights(lora.path, adapter_name=name)
         loaded = _norms(_adapter_matrices(components, name))
     except Exception as e:  # shapes of another architecture, keys diffusers cannot map
         _delete(pipe, name)
@@ -268,6 +270,20 @@ def _adapter_matrices(components: Components, name: str):
 
 def _norms(matrices) -> torch.Tensor:
     return torch.tensor(sorted(float(m.detach().float().norm()) for m in matrices), dtype=torch.float64)
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers' load report for a text encoder lists the adapters loaded before as "MISSING" (they are not in
+    this file): a warning on every load after the first, and a false one. The fit check above is what counts."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def _delete(pipe, name: str) -> None:
