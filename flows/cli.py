@@ -83,12 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate one image per row of a prompt table")
     gen.add_argument("prompts", help="Parquet prompt table: local path or fsspec URL (s3://...); 'example' for the bundled one")
     gen.add_argument("out", help="output dataset folder: local path or fsspec URL")
-    gen.add_argument("--model", help="diffusers-format folder, fsspec URL or hub id (default: sdflow:shapes, the embedded model)")
+    gen.add_argument("--model", help="a diffusers folder, a single-file checkpoint (.safetensors, SD 1.x/2.x/SDXL, original layout), either as a local path or fsspec URL, or a hub id (default: sdflow:shapes, the embedded model)")
+    gen.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="what a single-file SD 2.x checkpoint predicts (its tensors do not say): epsilon for the 512 base models, v_prediction for the 768 ones")
+    gen.add_argument("--model-config", dest="checkpoint_config", help="a diffusers folder (configs suffice) describing a single-file checkpoint's architecture, for fine-tunes that differ from their family (default: sdflow's configs of the family)")
     gen.add_argument("--vae", help="a separate VAE to decode with: a diffusers folder, or a .safetensors file of the model's VAE architecture")
+    gen.add_argument("--embedding", action="append", metavar="PATH[:TOKEN]", help="a textual-inversion embedding (A1111 .pt/.safetensors, diffusers, SDXL clip_l/clip_g); prompts name it by TOKEN, default the file's stem; repeatable")
     gen.add_argument("--scheduler", help="sampler, e.g. euler_a or dpmpp_2m_karras; a name it does not know lists them all (default: the model's own)")
     gen.add_argument("--steps", type=int, help="denoising steps (default: the model's, else 50)")
     gen.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it (default: the model's, else the pipeline's: 7.5, SDXL 5.0)")
     gen.add_argument("--guidance-rescale", type=float, default=0.0, help="diffusers' guidance_rescale, 0 to 1; 0.7 is usual for v-prediction models (default: 0)")
+    gen.add_argument("--clip-skip", type=int, default=0, help="diffusers' clip_skip: text encoder layers to skip, 0 for none (A1111's Clip skip minus 1; default: 0)")
     gen.add_argument("--width", type=int, help="pixels (default: the model's native size)")
     gen.add_argument("--height", type=int, help="pixels (default: the model's native size)")
     gen.add_argument("--negative-prompt", help="default negative prompt (default: none)")
@@ -311,8 +315,10 @@ def check_obvious_inputs(args: argparse.Namespace) -> None:
     model = args.model or ""
     # As the flow reads a model reference: a path when it starts like one or is not of the hub's "org/name" form.
     if model and local(model) and (model.startswith((".", "/", "~", "file://")) or model.count("/") != 1):
-        if not os.path.isdir(os.path.expanduser(model.removeprefix("file://"))) and ":" not in model:
-            raise SdflowError(f"model folder {model} does not exist (or is not a folder).")
+        if not os.path.exists(os.path.expanduser(model.removeprefix("file://"))) and ":" not in model:
+            raise SdflowError(
+                f"model {model} does not exist; --model takes a diffusers folder, a single-file checkpoint or a hub id."
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -395,7 +401,11 @@ def generate(args: argparse.Namespace, server) -> str:
         steps=args.steps,
         guidance=args.guidance,
         guidance_rescale=args.guidance_rescale,
+        clip_skip=args.clip_skip,
         vae=args.vae,
+        checkpoint_config=args.checkpoint_config,
+        prediction_type=args.prediction_type,
+        embeddings=args.embedding,
         width=args.width,
         height=args.height,
         negative_prompt=args.negative_prompt,

@@ -215,8 +215,10 @@ def fan_out(requests, pool: str, on_committed, poll_seconds: float = 0.5) -> Non
             time.sleep(poll_seconds)
 
 
-def shard_requests(plan: PromptPlan, defaults: GenerationDefaults, info: ModelInfo, run: RunConfig, out: str, model, vae, dtype):
-    """The planned shards as requests for pool workers, streamed from the table (credentials left out)."""
+def shard_requests(plan: PromptPlan, defaults: GenerationDefaults, info: ModelInfo, run: RunConfig, p: dict):
+    """The planned shards as requests for pool workers, streamed from the table (credentials left out); `p` holds
+    the run's model options as given (each worker resolves them)."""
     wire = replace(run, storage_options={}, progress=False)
+    model = {k: p[k] for k in ("vae", "prediction_type", "checkpoint_config", "allow_pickle")} | {"embeddings": tuple(p["embeddings"] or ())}
     for shard, rows, carried, keys in iter_shard_rows(plan, defaults, info.size_multiple, run.storage_options):
-        yield ShardRequest(out, model, info.fingerprint, dtype, wire, shard, rows, carried, keys, vae)
+        yield ShardRequest(p["out"], p["model"], info.fingerprint, p["dtype"], wire, shard, rows, carried, keys, **model)

@@ -22,6 +22,7 @@ from nodes.params import GenerationDefaults, RunConfig, image_format, image_form
 from nodes.pipeline.adapters import forget_named, named_loras, preload_loras, run_loras
 from nodes.pipeline.components import ModelInfo, inspect_model, load_components_task, resolve_device, resolve_dtype
 from nodes.pipeline.denoise import scheduler_name
+from nodes.pipeline.embeddings import with_embeddings
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,13 @@ def check_inputs(p: dict) -> Job:
     if image is None:
         raise SdflowError(image_format_rule(p["image_format"], p["image_quality"]))
     storage_options = storage_options_from_env()
-    info = inspect_model(p["model"], storage_options, p["vae"])
+    info = with_embeddings(
+        inspect_model(p["model"], storage_options, p["vae"], p["prediction_type"], p["checkpoint_config"], p["allow_pickle"]),
+        p["embeddings"], p["allow_pickle"],
+    )
     defaults = resolve_defaults(
-        info, p["steps"], p["guidance"], p["width"], p["height"], p["negative_prompt"], p["seed"], p["guidance_rescale"]
+        info, p["steps"], p["guidance"], p["width"], p["height"], p["negative_prompt"], p["seed"], p["guidance_rescale"],
+        p["clip_skip"],
     )
     forget_named()  # the manifest lists the LoRA files this run names, from here on
     defaults = replace(defaults, loras=run_loras(p["loras"], p["lora_dir"]), lora_dir=p["lora_dir"])
@@ -135,10 +140,14 @@ def generate_dataset(
     out: str,
     model: str | None = None,
     vae: str | None = None,
+    checkpoint_config: str | None = None,
+    prediction_type: str | None = None,
+    embeddings: list[str] | None = None,
     scheduler: str | None = None,
     steps: int | None = None,
     guidance: float | None = None,
     guidance_rescale: float = 0.0,
+    clip_skip: int = 0,
     width: int | None = None,
     height: int | None = None,
     negative_prompt: str | None = None,
@@ -162,8 +171,9 @@ def generate_dataset(
     Options left as None take the model's own values. Storage credentials come from the AWS environment
     or SDFLOW_STORAGE_OPTIONS, never from parameters. `image_format` is png (lossless), webp or jpeg; `image_quality`
     (1 to 100) makes WebP lossy and sets JPEG's (default 95). `loras`: LoRA files for every row, each "PATH[:WEIGHT]"
-    (or a name in `lora_dir`, where rows' `loras` and prompt tags find theirs by name). With `pool`, shards run on the task workers serving
-    that pool (`sdflow worker --pool NAME`), which write to `out` themselves; without, in this process.
+    (or a name in `lora_dir`, where rows' `loras` and prompt tags find theirs by name). With `pool`, shards run on
+    the task workers serving that pool (`sdflow worker --pool NAME`), which write to `out` themselves; without, in this process.
+    `embeddings`: textual-inversion files as `PATH[:TOKEN]` (the token defaults to the file's stem).
     """
     parameters = {k: v for k, v in locals().items() if k != "progress"}
     started = time.time()
@@ -180,7 +190,7 @@ def generate_dataset(
     report = ShardReport(plan, job.fs, job.root)
     load_seconds, generation_started, preloaded = 0.0, time.time(), 0
     if plan.shards and pool:
-        fan_out(shard_requests(plan, job.defaults, job.info, job.run, out, model, vae, dtype), pool, report.committed)
+        fan_out(shard_requests(plan, job.defaults, job.info, job.run, parameters), pool, report.committed)
     elif plan.shards:
         components = load_components_task(job.info, job.device, job.dtype, allow_pickle)
         load_seconds, generation_started = components.load_seconds, time.time()

@@ -46,7 +46,8 @@ def image_encoder(components, run: RunConfig):
     task, in the thread pool, so that it overlaps the next batch; returns its future."""
     release = package_version("sdflow")
     model = components.info.ref
-    return lambda rows, images: ENCODE_IMAGES.submit(images, rows, run.sampler, model, release, run.image)
+    embeddings = tuple((e.token, e.short_hash) for e in components.info.embeddings)  # for the infotext's TI hashes
+    return lambda rows, images: ENCODE_IMAGES.submit(images, rows, run.sampler, model, release, run.image, embeddings)
 
 
 def worker_id() -> str:

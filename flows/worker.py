@@ -34,6 +34,7 @@ from nodes.params import Row, RunConfig
 from nodes.pipeline.adapters import adapter_counts
 from nodes.pipeline.batch import generate_shard_images
 from nodes.pipeline.components import inspect_model, load_components, resolve_device, resolve_dtype
+from nodes.pipeline.embeddings import with_embeddings
 
 POOL_PREFIX = "generate_shard__"  # task keys: generate_shard__POOL__WORKER-codehash
 DEVICE_ENV = "SDFLOW_DEVICE"  # the device a worker generates on: cpu, cuda, cuda:N
@@ -59,6 +60,10 @@ class ShardRequest:
     carried: pa.Table  # input columns carried through to the output
     keys: np.ndarray  # row keys, uint64
     vae: str | None = None  # a separate VAE as given (--vae); each worker resolves it
+    prediction_type: str | None = None  # --prediction-type, for a single-file SD 2.x checkpoint
+    checkpoint_config: str | None = None  # --model-config, a single-file checkpoint's configs
+    embeddings: tuple[str, ...] = ()  # textual inversion as given (--embedding PATH[:TOKEN]); each worker reads them
+    allow_pickle: bool = False  # --allow-pickle: pickle model checkpoints and embeddings may load
 
 
 def run_shard(request: ShardRequest) -> dict:
@@ -77,13 +82,16 @@ def run_shard(request: ShardRequest) -> dict:
         f"{int(k):016x}" for k in request.keys
     ):
         return {**committed, "outcome": "already committed"}
-    info = inspect_model(request.model, storage_options, request.vae)
+    info = with_embeddings(
+        inspect_model(request.model, storage_options, request.vae, request.prediction_type, request.checkpoint_config, request.allow_pickle),
+        request.embeddings, request.allow_pickle,
+    )
     if info.fingerprint != request.fingerprint:
         raise ModelError(
             f"model {info.ref} on worker {worker} is not the parent's (content fingerprint {info.fingerprint} vs "
             f"{request.fingerprint}): every worker must see the same model files, byte for byte."
         )
-    components = load_components(info, device, resolve_dtype(request.dtype, device))
+    components = load_components(info, device, resolve_dtype(request.dtype, device), request.allow_pickle)
     run = replace(request.run, storage_options=storage_options, progress=False)
     done = 0
 

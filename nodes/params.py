@@ -22,6 +22,7 @@ MAX_STEPS = 1000  # the training schedule's length: schedulers cannot take more 
 MAX_SIDE = 4096  # pixels; larger sides are refused as almost certainly a mistake in the table
 MAX_SEED = 2**63 - 1  # seeds are stored as int64; torch.Generator.manual_seed accepts all of these
 MAX_PAIR = 65536  # pixels, for SDXL's size and crop conditioning (what it was trained on is far below)
+MAX_CLIP_SKIP = 100  # beyond any CLIP's depth; the model's own limit is checked against its text encoders
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class GenerationDefaults:
     seed: int  # run seed; rows without a seed get one derived from it and their id
     family: str = "sd"  # the model's family (nodes.pipeline.family): which columns its rows resolve
     guidance_rescale: float = 0.0  # diffusers' rescale_noise_cfg factor in [0, 1]; 0 leaves guidance as it is
+    clip_skip: int = 0  # diffusers' clip_skip: text encoder layers skipped before the family's own; 0 skips none
     loras: tuple[Lora, ...] | None = None  # --lora, for every row; None: the run uses no LoRA (rows' loras stay None)
     lora_dir: str | None = None  # --lora-dir: where a LoRA named without a path is found, as NAME.safetensors
 
@@ -289,9 +291,16 @@ COLUMNS: tuple[Column, ...] = (
         "target_size", tuple, "pair", pa.list_(pa.int32()), pixel_pair, f"must be [height, width], two whole numbers from 0 to {MAX_PAIR}",
         lambda d, r: (r["height"], r["width"]), families=("sdxl",), neutral=None,
     ),
+    # diffusers' clip_skip (A1111's "Clip skip" is this plus 1); the model's own limit is checked when it is loaded.
+    Column(
+        "clip_skip", int, "integer", pa.int32(), lambda v, m: whole_number(v, 0, MAX_CLIP_SKIP),
+        "must be a whole number from 0 (no layer skipped), below the text encoder's layer count",
+        lambda d, r: d.clip_skip, neutral=0, check_array=_whole_numbers(0, MAX_CLIP_SKIP),
+    ),
     # The row's LoRA set: the run's --lora, its own `loras` and its prompt's <lora:name:weight> tags, resolved against
-    # the run and the row's prompt (nodes.dataset.ingest.RESOLVERS, not check and default). None where the run uses no LoRA; () for a row without one in a run that does. Only
-    # content and weight enter the key, and only a non-empty set: rows without LoRA keep the keys they had before.
+    # the run and the row's prompt (nodes.dataset.ingest.RESOLVERS, not check and default). None where the run uses
+    # no LoRA; () for a row without one in a run that does. Only content and weight enter the key, and only a
+    # non-empty set: rows without LoRA keep the keys they had before.
     Column(
         "loras", tuple, "loras", LORAS_TYPE, lambda v, m: v, LORAS_RULE, neutral=None,
         key_value=_loras_key, written_value=_loras_written,
@@ -304,9 +313,14 @@ RUN_COLUMNS = ("scheduler", "model")
 OUTPUT_COLUMNS = ("image",) + COLUMN_NAMES + RUN_COLUMNS
 
 
+def lora_set(row) -> tuple:
+    """A row's LoRA set as batches share it: ((sha256, weight), ...); () for none."""
+    return tuple((lora.sha256, lora.weight) for lora in row.loras or ())
+
+
 def _shape_key(self) -> tuple:
-    """Rows that share this key can share a batch: (width, height, steps, their LoRA set: (content, weight) pairs)."""
-    return (self.width, self.height, self.steps, tuple((lora.sha256, lora.weight) for lora in self.loras or ()))
+    """Rows that share this key can share a batch: (width, height, steps, their LoRA set: lora_set)."""
+    return (self.width, self.height, self.steps, lora_set(self))
 
 
 # One prompt-table row with every generation parameter resolved: `position` (0-based, in the table), then one

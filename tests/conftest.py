@@ -25,6 +25,7 @@ diffusers_logging.get_logger("diffusers")
 transformers_logging.get_logger("transformers")
 
 from nodes.shapes.builders import ToyModelConfig, save_toy_model
+from tests.support.models import save_tiny_sdxl
 from tests.support.runs import RESUME_ROWS, RESUME_RUN, uninterrupted_run
 from tests.support.s3_server import BUCKET, FAKE_AWS_ENV, UNSET_AWS_ENV, MotoS3Server
 from tests.support.tables import TEST_STEPS
@@ -55,6 +56,12 @@ def tiny_model(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("models") / "tiny"
     save_toy_model(path, ToyModelConfig(seed=1), defaults={"steps": TEST_STEPS, "guidance_scale": 7.5})
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> str:
+    """A random tiny Stable Diffusion XL (64x64 images) saved in diffusers format."""
+    return str(save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=3))
 
 
 @pytest.fixture(scope="module")

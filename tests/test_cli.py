@@ -87,14 +87,16 @@ def test_bad_option_values(prefect_api, tiny_model, tmp_path, capsys):
         assert_clean_failure(code, err, tmp_path / "out", phrase)
 
 
-def test_truncated_prompt_is_warned_with_its_row(prefect_api, tiny_model, tmp_path, capsys):
-    rows = [{"id": "long-one", "prompt": "red " * 100}, {"id": "short", "prompt": "blue"}]
+def test_long_prompts_are_encoded_whole_and_clip_skip_is_checked(prefect_api, tiny_model, tmp_path, capsys):
+    rows = [{"id": "long-one", "prompt": "red " * 100}, {"id": "short", "prompt": "blue", "clip_skip": 1}]
     table = write_table(tmp_path / "t.parquet", rows)
-    code, err = run_cli(capsys, table, tmp_path / "out", "--model", tiny_model)
+    code, err = run_cli(capsys, table, tmp_path / "out", "--model", tiny_model, "--clip-skip", "1")
     assert code == 0, err
-    assert "row 'long-one': prompt is longer than 77 tokens and was truncated" in err
-    assert "'short'" not in err
-    assert "wrote 2 images in 1 shard(s)" in err
+    assert "truncated" not in err and "wrote 2 images in 1 shard(s)" in err
+    assert pq.read_table(tmp_path / "out" / "data").column("clip_skip").to_pylist() == [1, 1]
+    # The tiny model's text encoder has 2 layers: skipping 2 would leave none, named with the row.
+    code, err = run_cli(capsys, table, tmp_path / "out2", "--model", tiny_model, "--clip-skip", "2")
+    assert code == 2 and "row 'long-one': clip_skip 2 is more than this model's text encoders allow (0 to 1" in err
 
 
 def test_command_in_a_fresh_process(prefect_api, tiny_model, tmp_path):
@@ -217,7 +219,7 @@ def own_server_env(home: Path, **extra: str) -> dict:
     [
         (["missing.parquet", "out"], "prompt table missing.parquet does not exist"),
         (["t.parquet", "out", "--scheduler", "karras9000"], "--scheduler 'karras9000' is not one of"),
-        (["t.parquet", "out", "--model", "./no-such-model"], "model folder ./no-such-model does not exist"),
+        (["t.parquet", "out", "--model", "./no-such-model"], "model ./no-such-model does not exist"),
         (["t.parquet", "out", "--pool", "gpus"], "--pool needs a Prefect server that the pool's workers also reach"),
     ],
     ids=["missing-table", "unknown-scheduler", "missing-model", "pool-without-api-url"],

@@ -304,18 +304,14 @@ def test_skip_invalid_with_every_row_invalid_writes_an_empty_dataset(prefect_api
 
 # ---------------------------------------------------------------- accepted as they are
 
-def test_prompts_far_over_the_token_limit_are_truncated_with_a_warning(prefect_api, tiny_model, tmp_path, capsys):
-    huge = "a red circle on a blue square, " * 700  # ~5,000 tokens against CLIP's 77
+def test_prompts_far_over_the_token_limit_are_encoded_whole(prefect_api, tiny_model, tmp_path, capsys):
+    huge = "a red circle on a blue square, " * 700  # ~5,000 tokens: some 70 chunks of 75 (README, Prompts)
     t = pa.table({"id": ["huge", "short"], "prompt": [huge, "a blue square"], "negative_prompt": ["", "blurry " * 200]})
     out = tmp_path / "out"
     code, err = run(capsys, written(tmp_path, t), out, tiny_model)
     assert code == 0, err
-    assert "Traceback" not in err
-    assert "row 'huge': prompt is longer than 77 tokens and was truncated" in err
-    assert "row 'short': negative prompt is longer than 77 tokens and was truncated" in err
-    assert "row 'short': prompt" not in err
+    assert "Traceback" not in err and "truncated" not in err
     assert "wrote 2 images" in err
-    # The dataset keeps the table's text whole; only the text encoder sees the first 77 tokens.
     assert pq.read_table(out / "data").column("prompt").to_pylist() == [huge, "a blue square"]
 
 
@@ -415,8 +411,9 @@ def test_control_characters_are_escaped_in_what_sdflow_prints(prefect_api, tiny_
     assert "\\x1b[31mcaption" in err
 
     (tmp_path / "t.parquet").unlink()
-    long = written(tmp_path, pa.table({"id": [f"{red}row"], "prompt": ["red " * 100]}))
-    code, err = main(["generate", str(long), str(tmp_path / f"out{red}"), "--model", tiny_model, *STEPS]), capsys.readouterr().err
-    assert code == 0, err
+    # A row's id in an error raised while generating (its clip skip is beyond the tiny model's 2 layers).
+    deep = written(tmp_path, pa.table({"id": [f"{red}row"], "prompt": ["red"], "clip_skip": [5]}))
+    code, err = main(["generate", str(deep), str(tmp_path / f"out{red}"), "--model", tiny_model, *STEPS]), capsys.readouterr().err
+    assert code == 2, err
     assert "\x1b" not in err, repr(err)
-    assert "truncated" in err and "\\x1b[31m" in err
+    assert "clip_skip 5" in err and "\\x1b[31m" in err

@@ -14,6 +14,7 @@ from nodes.pipeline import adapters
 from nodes.pipeline.adapters import active_set, lora_file, use_loras, without_lora_tags
 from nodes.pipeline.batch import make_batches
 from nodes.pipeline.components import inspect_model, load_components
+from nodes.pipeline.encode import batch_key
 from nodes.shapes.builders import ToyModelConfig, save_toy_model
 from tests.support.loras import lora_layers, save_kohya_lora, save_peft_lora
 from tests.support.models import save_tiny_sdxl
@@ -80,7 +81,7 @@ def family(request, tmp_path_factory):
 def engine(components, rows):
     """The rows through the engine as a shard runs them: batched by shape and LoRA set, the active set first."""
     images = {}
-    for batch in make_batches(rows, 8, active_set(components)):
+    for batch in make_batches(rows, 8, lambda r: batch_key(components, r), active_set(components)):
         for row, image in zip(batch, generate(components, batch, SCHEDULER)):
             images[row.position] = image
     return [images[r.position] for r in rows]

@@ -32,11 +32,6 @@ ROWS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory) -> str:
-    return str(save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=3))
-
-
-@pytest.fixture(scope="module")
 def components(tiny_sdxl):
     return load_components(inspect_model(tiny_sdxl), torch.device("cpu"), torch.float32)
 

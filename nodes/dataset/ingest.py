@@ -31,6 +31,7 @@ from nodes.params import (
     INVALID,
     Column,
     KINDS,
+    MAX_CLIP_SKIP,
     MAX_SEED,
     MAX_SIDE,
     MAX_STEPS,
@@ -322,6 +323,7 @@ def resolve_defaults(
     negative_prompt: str | None,
     seed: int,
     guidance_rescale: float = 0.0,
+    clip_skip: int = 0,
 ) -> GenerationDefaults:
     """The run's defaults: each option as given, else the model's own; errors name the option."""
     m = info.size_multiple
@@ -332,6 +334,7 @@ def resolve_defaults(
         "--height": (info.native_size if height is None else height, lambda v: image_side(v, m)),
         "--seed": (seed, lambda v: whole_number(v, 0, MAX_SEED)),
         "--guidance-rescale": (guidance_rescale, unit_fraction),
+        "--clip-skip": (clip_skip, lambda v: whole_number(v, 0, MAX_CLIP_SKIP)),
     }
     values = {}
     for option, (value, check) in checks.items():
@@ -347,6 +350,7 @@ def resolve_defaults(
         seed=values["--seed"],
         family=info.family,
         guidance_rescale=values["--guidance-rescale"],
+        clip_skip=values["--clip-skip"],
     )
 
 
@@ -357,6 +361,7 @@ OPTION_RULES = {
     "--height": f"a multiple of {{m}} up to {MAX_SIDE}",
     "--seed": f"a whole number from 0 to {MAX_SEED}",
     "--guidance-rescale": "a number from 0 to 1",
+    "--clip-skip": "a whole number from 0 (no layer skipped), below the text encoder's layer count",
 }
 
 

@@ -63,9 +63,13 @@ def build_manifest(
             "negative_prompt": defaults.negative_prompt,
             "seed": defaults.seed,
             "guidance_rescale": defaults.guidance_rescale,
+            "clip_skip": defaults.clip_skip,
             "model": info.ref,
             "family": info.family,
             "vae": info.vae,
+            "checkpoint": info.checkpoint,  # a single-file checkpoint; "model" is then as given, its configs in checkpoint_config
+            "checkpoint_config": info.source if info.checkpoint else None,
+            "embeddings": [e.record() for e in info.embeddings],
             "model_fingerprint": info.fingerprint,
             "device": device,
             "dtype": dtype,

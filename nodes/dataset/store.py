@@ -62,9 +62,9 @@ def _prompt_line(text: str) -> str:
     return text if plain else _json_string(text)
 
 
-def infotext(row: Row, scheduler: str, model: str, version: str) -> str:
+def infotext(row: Row, scheduler: str, model: str, version: str, embeddings: tuple[tuple[str, str], ...] = ()) -> str:
     """The row's generation parameters in AUTOMATIC1111's "parameters" format: prompt, negative prompt, settings,
-    one line each (see _prompt_line)."""
+    one line each (see _prompt_line). `embeddings`: the run's textual inversions as (token, short hash)."""
     known = SAMPLERS.get(scheduler)
     fields = [("Steps", row.steps), ("Sampler", known.a1111 if known else scheduler)]
     if known and known.schedule:
@@ -78,12 +78,25 @@ def infotext(row: Row, scheduler: str, model: str, version: str) -> str:
     if row.loras:  # as A1111 records the LoRAs of a prompt: "name: short hash, ..." (its names without : and ,)
         names = [lora.name.replace(":", "").replace(",", "") for lora in row.loras]
         fields.append(("Lora hashes", ", ".join(f"{name}: {lora.short_hash}" for name, lora in zip(names, row.loras))))
+    if row.clip_skip:  # A1111 counts the last layer as 1 (diffusers' 0) and writes it only from 2 on
+        fields.append(("Clip skip", row.clip_skip + 1))
+    hashes = ti_hashes(row, embeddings)
+    if hashes:
+        fields.append(("TI hashes", hashes))
     fields.append(("Version", f"sdflow {version}"))
     lines = [_prompt_line(row.prompt)]
     if row.negative_prompt:
         lines.append(f"Negative prompt: {_prompt_line(row.negative_prompt)}")
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields))
     return "\n".join(lines)
+
+
+def ti_hashes(row: Row, embeddings: tuple[tuple[str, str], ...]) -> str:
+    """A1111's `TI hashes` value: "token: short hash" of each embedding the row's prompts use, A1111's way (its
+    name without `:` and `,`), where CLIP's tokenizer finds the token: anywhere, in any case."""
+    texts = f"{row.prompt}\n{row.negative_prompt}".lower()
+    used = [(token, short) for token, short in embeddings if token.lower() in texts]
+    return ", ".join(f"{token.replace(':', '').replace(',', '')}: {short}" for token, short in used)
 
 
 def encode_png(pixels: np.ndarray, parameters: str) -> bytes:
@@ -125,13 +138,15 @@ def encode_image(pixels: np.ndarray, parameters: str, image: ImageFormat = Image
 
 
 def encode_images(
-    images, rows: list[Row], scheduler: str, model: str, version: str, image: ImageFormat = ImageFormat()
+    images, rows: list[Row], scheduler: str, model: str, version: str, image: ImageFormat = ImageFormat(),
+    embeddings: tuple[tuple[str, str], ...] = (),
 ) -> dict[int, bytes]:
-    """Encoded images (encode_image) for a batch of images (B, H, W, 3) uint8, keyed by row position."""
+    """Encoded images (encode_image) for a batch of images (B, H, W, 3) uint8, keyed by row position; `embeddings`
+    as infotext takes them."""
     pixels = np.asarray(images)
     encoded = {}
     for i, row in enumerate(rows):
-        parameters = infotext(row, scheduler, model, version)
+        parameters = infotext(row, scheduler, model, version, embeddings)
         try:
             encoded[row.position] = encode_image(pixels[i], parameters, image)
         except ValueError as e:
@@ -363,9 +378,9 @@ def foreign_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 
 
 # The dataset format this version writes. 2: row keys name the model by its content and cover guidance_rescale
-# (which is a column), data files are per attempt. A dataset of another format is not extended: its rows' keys
-# would never match and its shards' columns would differ from the new ones.
-DATASET_FORMAT = "sdflow-dataset/2"
+# (which is a column), data files are per attempt. 3: clip_skip, a column and in the keys. A dataset of another
+# format is not extended: its rows' keys would never match and its shards' columns would differ from the new ones.
+DATASET_FORMAT = "sdflow-dataset/3"
 
 
 def check_format(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:

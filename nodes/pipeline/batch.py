@@ -17,11 +17,11 @@ from typing import Callable
 import torch
 
 from nodes.errors import RunError, SdflowError, exception_chain, name_ids
-from nodes.params import Row, RunConfig
+from nodes.params import Row, RunConfig, lora_set
 from nodes.pipeline.adapters import active_set, use_loras
 from nodes.pipeline.decode import decode_latents
 from nodes.pipeline.denoise import denoise, make_scheduler
-from nodes.pipeline.encode import encode_prompts
+from nodes.pipeline.encode import batch_key, encode_prompts
 from nodes.pipeline.latents import make_generators, prepare_latents
 
 log = logging.getLogger("sdflow")
@@ -123,17 +123,20 @@ def interrupt_behind(error: BaseException) -> BaseException | None:
     return next((e for e in exception_chain(error) if not isinstance(e, Exception)), None)
 
 
-def make_batches(rows: list[Row], batch_size: int, active: tuple = ()) -> list[list[Row]]:
-    """Group rows into batches of up to `batch_size` that share width, height, steps and LoRA set (Row.shape_key).
+def make_batches(
+    rows: list[Row], batch_size: int, key: Callable[[Row], tuple] = lambda r: r.shape_key, active: tuple = ()
+) -> list[list[Row]]:
+    """Group rows into batches of up to `batch_size` that share `key` (width, height, steps and LoRA set; the engine
+    adds the prompts' chunk count, encode.batch_key).
 
     Groups of one LoRA set run one after another, the set `active` now first, then the others in a fixed order (so a
     shard costs one adapter switch per set, and the next shard starts where this one ended); otherwise first-seen.
     """
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
-        groups.setdefault(row.shape_key, []).append(row)
-    ordered = sorted(groups.items(), key=lambda item: (item[0][3] != active, item[0][3]))  # stable: first-seen within
-    return [group[i : i + batch_size] for _, group in ordered for i in range(0, len(group), batch_size)]
+        groups.setdefault(key(row), []).append(row)
+    ordered = sorted(groups.values(), key=lambda group: (lora_set(group[0]) != active, lora_set(group[0])))  # stable
+    return [group[i : i + batch_size] for group in ordered for i in range(0, len(group), batch_size)]
 
 
 def generate_shard_images(
@@ -162,7 +165,8 @@ def generate_shard_images(
     futures = []
     failed: dict[int, str] = {}
     tried: list[Row] | None = None if progress.produced else []  # the rows tried before any came out
-    for number, batch in enumerate(make_batches(rows, run.batch_size, active_set(components))):
+    batches = make_batches(rows, run.batch_size, lambda r: batch_key(components, r), active_set(components))
+    for number, batch in enumerate(batches):
         place = CURRENT_BATCH.set(BatchPlace(shard, number))
         try:
             with device_slot():

@@ -9,6 +9,7 @@ from safetensors and keeps them for the life of the process, keyed by model, con
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -26,6 +27,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from nodes.errors import ModelError
+from nodes.pipeline.checkpoint import CHECKPOINT_SUFFIXES, checkpoint_kind, is_checkpoint_file, load_checkpoint_modules, read_shapes, resolve_prediction_type, shipped_config
+from nodes.pipeline.embeddings import Embedding, load_embeddings
 from nodes.pipeline.family import FAMILIES, ModelFamily, family_of
 
 log = logging.getLogger("sdflow")
@@ -62,6 +65,8 @@ class ModelInfo:
     scheduler_config: dict = field(hash=False, compare=False)
     force_zeros_for_empty_prompt: bool = False  # the pipeline's config: an empty negative prompt is zeros (SDXL)
     vae: str | None = None  # a separate VAE (folder or single file) in place of the model's own; in the fingerprint
+    checkpoint: str | None = None  # a single-file checkpoint holding the weights; `source` is then its configs' folder
+    embeddings: tuple[Embedding, ...] = ()  # textual inversion (--embedding), added at load; in the fingerprint (with_embeddings)
 
 
 @dataclass
@@ -146,8 +151,13 @@ def _local_model_dir(ref: str, storage_options: dict | None) -> Path | None:
         return builtin_model_path(ref)
     if "://" in ref and not ref.startswith("file://"):
         fs, root = fsspec.core.url_to_fs(ref, **(storage_options or {}))
-        objects = _remote_objects(fs, root, ref)
-        if "model_index.json" not in objects:
+        listing = lambda: _remote_objects(fs, root, ref)  # noqa: E731
+        if ref.lower().endswith(CHECKPOINT_SUFFIXES) and _remote_is_file(fs, root):
+            # One object: copied beside nothing else, named as the user named it (its suffix says how to read it).
+            path, (root, name) = root, root.rsplit("/", 1)
+            listing = lambda: {name: _object_version(fs.info(path))}  # noqa: E731
+        objects = listing()
+        if len(objects) != 1 and "model_index.json" not in objects:
             raise ModelError(f"model {ref} has no model_index.json; it is not a diffusers-format folder.")
         # Keyed by the objects' versions, not the URL alone: a model replaced at the same URL is copied again.
         key = hashlib.sha256(json.dumps([ref, objects], sort_keys=True).encode()).hexdigest()[:16]
@@ -164,7 +174,7 @@ def _local_model_dir(ref: str, storage_options: dict | None) -> Path | None:
             except Exception as e:  # any store error: permissions, missing bucket, network
                 shutil.rmtree(partial, ignore_errors=True)
                 raise ModelError(f"model {ref} cannot be copied from its store ({type(e).__name__}: {e}).") from None
-            if _remote_objects(fs, root, ref) != objects:
+            if listing() != objects:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise ModelError(f"model {ref} changed while it was being copied; run again once its upload is complete.")
             (partial / ".complete").touch()
@@ -176,11 +186,18 @@ def _local_model_dir(ref: str, storage_options: dict | None) -> Path | None:
                     if not (local / ".complete").exists():
                         raise ModelError(f"model {ref}: its local copy at {local} cannot be made; remove it and run again.") from None
             shutil.rmtree(partial, ignore_errors=True)
-        return local
+        return local / next(iter(objects)) if "model_index.json" not in objects else local
     path = Path(ref.removeprefix("file://")).expanduser()
     if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         return path
     return _cached_hub_snapshot(ref)
+
+
+def _remote_is_file(fs, path: str) -> bool:
+    try:
+        return fs.isfile(path)
+    except Exception:  # a store error: the listing that follows reports it
+        return False
 
 
 def is_hub_snapshot(path: Path) -> bool:
@@ -263,9 +280,13 @@ def _remote_objects(fs, root: str, ref: str) -> dict[str, list]:
         if path.endswith("/") or meta.get("type") == "directory":  # a store's folder marker (S3 consoles make them)
             continue
         if path.startswith(prefix):
-            version = next((meta[k] for k in OBJECT_VERSION_KEYS if meta.get(k)), None)
-            objects[path[len(prefix) :]] = [meta.get("size"), str(version)]
+            objects[path[len(prefix) :]] = _object_version(meta)
     return objects
+
+
+def _object_version(meta: dict) -> list:
+    """[size, version] of a store's object, from its listing entry."""
+    return [meta.get("size"), str(next((meta[k] for k in OBJECT_VERSION_KEYS if meta.get(k)), None))]
 
 
 def _read_json(source: str, local: Path | None, name: str) -> dict:
@@ -387,19 +408,39 @@ def _write_hash_cache(cache: dict[str, list]) -> None:
         log.warning("cannot write the model hash cache %s (%s); model files are hashed again next run", path, e)
 
 
-def inspect_model(ref: str | None = None, storage_options: dict | None = None, vae: str | None = None) -> ModelInfo:
+def inspect_model(
+    ref: str | None = None,
+    storage_options: dict | None = None,
+    vae: str | None = None,
+    prediction_type: str | None = None,
+    checkpoint_config: str | None = None,
+    allow_pickle: bool = False,
+) -> ModelInfo:
     """Read a model's configs (no weights) and its generation defaults from its optional `sdflow.json`.
 
-    `vae`: a separate VAE to decode with, a diffusers folder (config.json and weights) or a single safetensors
-    file of the model's own VAE architecture (original or diffusers layout, e.g. an fp16-safe SDXL VAE).
+    `ref` is a diffusers folder, a hub id or a single-file checkpoint (nodes.pipeline.checkpoint), whose configs
+    are `checkpoint_config` (a diffusers folder) or sdflow's for its family; `prediction_type` says what an SD 2.x file
+    predicts. `vae`: a separate VAE to decode with, a diffusers folder (config.json and weights) or a single
+    safetensors file of the model's own VAE architecture (original or diffusers layout, e.g. an fp16-safe SDXL VAE).
     """
     ref = ref or DEFAULT_MODEL
     local = _local_model_dir(ref, storage_options)
+    checkpoint = None
+    if local is not None and is_checkpoint_file(local):
+        checkpoint, local = local, configs_for_checkpoint(local, ref, prediction_type, checkpoint_config, allow_pickle)
+    elif prediction_type is not None or checkpoint_config is not None:
+        raise ModelError(
+            f"--prediction-type and --model-config describe a single-file checkpoint; model {ref} is a diffusers "
+            "folder, whose own scheduler/scheduler_config.json and component configs say that."
+        )
     source = str(local) if local is not None else ref
     if local is not None and not local.is_dir():
-        raise ModelError(f"model folder {ref} does not exist (or is not a folder).")
+        what = "is not a model file (.safetensors, or .ckpt with --allow-pickle)" if local.is_file() else "does not exist"
+        raise ModelError(f"model {ref} {what}; --model takes a diffusers folder, a single-file checkpoint or a hub id.")
     configs = {name: _read_json(source, local, name) for name in COMPONENT_FILES}
     family = family_of(configs["model_index.json"], ref)
+    if checkpoint is not None and family.name != kind_family(checkpoint_kind_of(checkpoint, ref, allow_pickle)):
+        raise ModelError(f"model {ref}: --model-config {checkpoint_config} is a {family.title} folder, not the checkpoint's family.")
     unet = configs["unet/config.json"]
     vae_path, vae_config = separate_vae(vae, configs["vae/config.json"])
     check_text_to_image(unet, vae_config, ref)
@@ -413,7 +454,7 @@ def inspect_model(ref: str | None = None, storage_options: dict | None = None, v
         ref=ref,
         source=source,
         family=family.name,
-        fingerprint=with_vae(model_fingerprint(local, family, source, configs), vae_path),
+        fingerprint=with_file(with_file(model_fingerprint(local, family, source, configs), "checkpoint", checkpoint), "vae", vae_path),
         vae_scale_factor=vae_scale,
         # diffusers' pipelines require multiples of 8; the VAE needs its own factor too.
         size_multiple=max(8, vae_scale),
@@ -426,7 +467,29 @@ def inspect_model(ref: str | None = None, storage_options: dict | None = None, v
         # StableDiffusionXLPipeline's default is True; pipelines without the setting have no such rule.
         force_zeros_for_empty_prompt=bool(configs["model_index.json"].get("force_zeros_for_empty_prompt", family.name == "sdxl")),
         vae=None if vae_path is None else str(vae_path),
+        checkpoint=None if checkpoint is None else str(checkpoint),
     )
+
+
+def configs_for_checkpoint(path: Path, ref: str, prediction_type: str | None, checkpoint_config: str | None, allow_pickle: bool) -> Path:
+    """The diffusers folder of configs for a single-file checkpoint: --model-config, else sdflow's for its family."""
+    kind = checkpoint_kind_of(path, ref, allow_pickle)
+    prediction_type = resolve_prediction_type(kind, path, ref, prediction_type)
+    if checkpoint_config is not None:
+        folder = Path(checkpoint_config).expanduser()
+        if not (folder / "model_index.json").is_file():
+            raise ModelError(f"--model-config {checkpoint_config} is not a diffusers folder (it has no model_index.json).")
+        return folder
+    return shipped_config(kind, prediction_type, cache_root())
+
+
+def checkpoint_kind_of(path: Path, ref: str, allow_pickle: bool) -> str:
+    return checkpoint_kind(read_shapes(path, ref, allow_pickle), ref)
+
+
+def kind_family(kind: str) -> str:
+    """The family (FAMILIES key) of a checkpoint kind: SD 1.x and 2.x are one family."""
+    return "sdxl" if kind == "sdxl" else "sd"
 
 
 def separate_vae(vae: str | None, model_vae_config: dict) -> tuple[Path | None, dict]:
@@ -446,13 +509,14 @@ def separate_vae(vae: str | None, model_vae_config: dict) -> tuple[Path | None, 
     )
 
 
-def with_vae(fingerprint: str, vae: Path | None) -> str:
-    """The model's fingerprint, extended by the separate VAE's content: another VAE makes other images."""
-    if vae is None:
+def with_file(fingerprint: str, label: str, path: Path | None) -> str:
+    """The model's fingerprint, extended by the content of a file or folder that shapes its images (a checkpoint,
+    a separate VAE): another file makes other images."""
+    if path is None:
         return fingerprint
     digest = hashlib.sha256(fingerprint.encode())
-    files = sorted(vae.rglob("*")) if vae.is_dir() else [vae]
-    _hash_files(digest, [(f"vae/{p.relative_to(vae).as_posix() if vae.is_dir() else p.name}", p) for p in files if p.is_file()])
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    _hash_files(digest, [(f"{label}/{p.relative_to(path).as_posix() if path.is_dir() else p.name}", p) for p in files if p.is_file()])
     return digest.hexdigest()[:16]
 
 
@@ -492,6 +556,7 @@ def load_components(
     Weights load from safetensors only: pickle checkpoints (.bin, .ckpt) can run code when loaded, so they
     are refused unless `allow_pickle`, and then with a warning.
     """
+    # With embeddings (in the fingerprint) it is another copy: they mutate its tokenizers and text encoders.
     key = (info.source, info.fingerprint, str(device), dtype)  # a folder whose files were replaced is another model
     with _load_lock:
         if key in _loaded:
@@ -501,6 +566,7 @@ def load_components(
         if allow_pickle:
             log.warning("model %s: pickle checkpoints allowed; loading one runs whatever code it holds", info.ref)
         modules = {}
+        single_file_modules.cache_clear()
         try:
             for name, library, class_name in FAMILIES[info.family].components:
                 cls = _component_class(library, class_name)
@@ -510,6 +576,8 @@ def load_components(
                 dtype_argument = {"dtype" if library == "transformers" else "torch_dtype": dtype}
                 if name == "vae" and info.vae:
                     module = load_separate_vae(cls, info, dtype_argument, kwargs)
+                elif info.checkpoint:
+                    module = single_file_modules(info, dtype)[name]
                 else:
                     module = cls.from_pretrained(info.source, subfolder=name, **dtype_argument, **kwargs)
                 modules[name] = module.to(device).eval().requires_grad_(False)
@@ -518,8 +586,10 @@ def load_components(
             if not allow_pickle and "safetensors" in str(e).lower():
                 hint = " Its weights are not in safetensors; pass --allow-pickle to load pickle checkpoints (they can run code)."
             raise ModelError(f"model {info.ref} cannot be loaded: {e}{hint}") from None
+        load_embeddings(info.embeddings, FAMILIES[info.family], modules, info.ref)
         # Convolutions run faster on NHWC weights: measured ~10 % off the U-Net's time on CPU (oneDNN), and
         # the usual win for cuDNN in half precision. Outputs stay within float rounding of NCHW's.
+        single_file_modules.cache_clear()  # the checkpoint's other modules, once taken, are not kept twice
         for name in ("unet", "vae"):
             modules[name].to(memory_format=torch.channels_last)
         components = Components(info, modules, device, dtype, time.perf_counter() - started)
@@ -527,6 +597,13 @@ def load_components(
         _load_count[0] += 1
         log.info("loaded %s on %s as %s in %.1f s", info.ref, device, dtype, components.load_seconds)
         return components
+
+
+@functools.lru_cache(maxsize=1)
+def single_file_modules(info: ModelInfo, dtype: torch.dtype) -> dict:
+    """Every component of a single-file checkpoint, read in one pass (load_components takes them one by one)."""
+    names = [name for name, _, _ in FAMILIES[info.family].components]
+    return load_checkpoint_modules(info.checkpoint, info.source, names, dtype, info.ref)
 
 
 def load_separate_vae(cls, info: ModelInfo, dtype_argument: dict, kwargs: dict):

@@ -18,6 +18,13 @@ def generate(components, rows: list[Row], scheduler: str | None) -> np.ndarray:
     return np.stack([images[r.position].numpy() for r in rows])
 
 
+def diffusers_pipeline(cls, path: str, **options):
+    """diffusers' own pipeline of class `cls` from a saved folder (safetensors), its progress bar off."""
+    pipe = cls.from_pretrained(path, use_safetensors=True, **options)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def diffusers_image(pipe, row: Row, scheduler: str | None) -> np.ndarray:
     """What diffusers gives for this row alone, with generator=torch.Generator("cpu").manual_seed(seed)."""
     if scheduler is not None:
