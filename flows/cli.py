@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA, float32 on CPU")
     gen.add_argument("--image-format", default="png", help="png (lossless, default), webp (lossless unless --quality) or jpeg")
     gen.add_argument("--quality", type=int, help="1 to 100: lossy WebP at this quality, or JPEG's (default for jpeg: 95); not with png")
+    gen.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]", help="a LoRA .safetensors file (kohya/A1111 or diffusers format) for every row, at WEIGHT (default 1); repeatable")
+    gen.add_argument("--lora-dir", help="where rows' `loras` names and prompts' <lora:NAME:WEIGHT> tags find NAME.safetensors")
     gen.add_argument("--skip-invalid", action="store_true", help="leave invalid rows out (listed in the manifest) instead of stopping")
     gen.add_argument("--allow-pickle", action="store_true", help="also load pickle checkpoints (.bin); they can run code")
     gen.add_argument("--storage-options", help="JSON fsspec storage options (credentials, endpoint); never logged")
@@ -413,6 +415,8 @@ def generate(args: argparse.Namespace, server) -> str:
         device=args.device,
         dtype=args.dtype,
         skip_invalid=args.skip_invalid,
+        loras=args.lora,
+        lora_dir=args.lora_dir,
         allow_pickle=args.allow_pickle,
         pool=args.pool,
         progress=sys.stderr.isatty() or args.verbose,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import torch
@@ -19,6 +19,7 @@ from nodes.dataset.sheet import CONTACT_SHEET, SHEET_ROWS, contact_sheet, first_
 from nodes.dataset.store import check_format, open_output, storage_options_from_env
 from nodes.errors import SdflowError
 from nodes.params import GenerationDefaults, RunConfig, image_format, image_format_rule
+from nodes.pipeline.adapters import forget_named, named_loras, preload_loras, run_loras
 from nodes.pipeline.components import ModelInfo, inspect_model, load_components_task, resolve_device, resolve_dtype
 from nodes.pipeline.denoise import scheduler_name
 from nodes.pipeline.embeddings import with_embeddings
@@ -55,6 +56,8 @@ def check_inputs(p: dict) -> Job:
         info, p["steps"], p["guidance"], p["width"], p["height"], p["negative_prompt"], p["seed"], p["guidance_rescale"],
         p["clip_skip"],
     )
+    forget_named()  # the manifest lists the LoRA files this run names, from here on
+    defaults = replace(defaults, loras=run_loras(p["loras"], p["lora_dir"]), lora_dir=p["lora_dir"])
     sampler = scheduler_name(p["scheduler"], info.scheduler_config)
     device = resolve_device(p["device"])
     dtype = resolve_dtype(p["dtype"], device)
@@ -77,14 +80,24 @@ def run_timings(started: float, generation_started: float, load_seconds: float, 
     }
 
 
-def finalize(job: Job, parameters: dict, plan: PromptPlan, written: list[dict], timings: dict) -> dict:
+def adapter_record(written: list[dict], preloaded: int) -> dict:
+    """The run's LoRA files (by content) and how often they were loaded and switched: here, and on pool workers."""
+    return {
+        "loras": named_loras(),
+        "loads": preloaded + sum(m.get("adapter_loads", 0) for m in written),
+        "switches": sum(m.get("adapter_switches", 0) for m in written),
+    }
+
+
+def finalize(job: Job, parameters: dict, plan: PromptPlan, written: list[dict], timings: dict, preloaded: int = 0) -> dict:
     """Index the committed rows, clean what killed attempts left, then write the contact sheet and, last, the manifest."""
     committed = read_committed(job.fs, job.root)
     index = write_index(job.fs, job.root, committed)
     clean_uncommitted(job.fs, job.root, committed.files, job.started, index)
     dtype = str(job.dtype).removeprefix("torch.")
     manifest = build_manifest(
-        parameters, job.defaults, job.info, str(job.device), dtype, plan, committed, written, timings, job.run.image
+        parameters, job.defaults, job.info, str(job.device), dtype, plan, committed, written, timings, job.run.image,
+        adapters=adapter_record(written, preloaded),
     )
     if committed.files:
         images, captions = first_images(job.fs, job.root, committed.shards, SHEET_ROWS)
@@ -143,6 +156,8 @@ def generate_dataset(
     device: str | None = None,
     dtype: str | None = None,
     skip_invalid: bool = False,
+    loras: list[str] | None = None,
+    lora_dir: str | None = None,
     shard_size: int = 256,
     batches_in_flight: int = 2,
     allow_pickle: bool = False,
@@ -155,8 +170,9 @@ def generate_dataset(
 
     Options left as None take the model's own values. Storage credentials come from the AWS environment
     or SDFLOW_STORAGE_OPTIONS, never from parameters. `image_format` is png (lossless), webp or jpeg; `image_quality`
-    (1 to 100) makes WebP lossy and sets JPEG's (default 95). With `pool`, shards run on the task workers serving
-    that pool (`sdflow worker --pool NAME`), which write to `out` themselves; without, in this process.
+    (1 to 100) makes WebP lossy and sets JPEG's (default 95). `loras`: LoRA files for every row, each "PATH[:WEIGHT]"
+    (or a name in `lora_dir`, where rows' `loras` and prompt tags find theirs by name). With `pool`, shards run on
+    the task workers serving that pool (`sdflow worker --pool NAME`), which write to `out` themselves; without, in this process.
     `embeddings`: textual-inversion files as `PATH[:TOKEN]` (the token defaults to the file's stem).
     """
     parameters = {k: v for k, v in locals().items() if k != "progress"}
@@ -172,15 +188,17 @@ def generate_dataset(
     )
 
     report = ShardReport(plan, job.fs, job.root)
-    load_seconds, generation_started = 0.0, time.time()
+    load_seconds, generation_started, preloaded = 0.0, time.time(), 0
     if plan.shards and pool:
         fan_out(shard_requests(plan, job.defaults, job.info, job.run, parameters), pool, report.committed)
     elif plan.shards:
         components = load_components_task(job.info, job.device, job.dtype, allow_pickle)
         load_seconds, generation_started = components.load_seconds, time.time()
+        preloaded = preload_loras(components)  # a LoRA that does not fit the model stops the run before any image
         generate_shards(components, plan, job.defaults, job.run, job.fs, job.root, report.committed)
     report.publish()
 
-    manifest = finalize(job, parameters, plan, report.markers, run_timings(started, generation_started, load_seconds, report.markers))
+    timings = run_timings(started, generation_started, load_seconds, report.markers)
+    manifest = finalize(job, parameters, plan, report.markers, timings, preloaded)
     get_run_logger().info(summary(manifest, out))
     return manifest

@@ -14,6 +14,7 @@ from nodes.dataset.ingest import PromptPlan, iter_shard_rows
 from nodes.dataset.manifest import package_version, software_versions
 from nodes.dataset.store import encode_images_task
 from nodes.params import GenerationDefaults, RunConfig
+from nodes.pipeline.adapters import adapter_counts
 from nodes.pipeline.batch import CURRENT_BATCH, RunProgress, Stages, generate_shard_images
 from nodes.pipeline.components import model_loads
 from nodes.pipeline.decode import decode_latents_task
@@ -54,11 +55,15 @@ def worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def shard_stats(started: float, rows: int) -> dict:
-    """What the shard table shows of a shard made here: who made it, in how long, how fast, after how many loads."""
+def shard_stats(started: float, rows: int, adapters_before: dict) -> dict:
+    """What the shard table shows of a shard made here: who made it, in how long, how fast, after how many loads;
+    and the LoRA loads and switches it took (adapter_counts() from before it)."""
     seconds = time.perf_counter() - started
+    adapters = adapter_counts()
     return {"worker": worker_id(), "model_loads": model_loads(), "seconds": round(seconds, 3),
-            "images_per_second": round(rows / seconds, 3) if seconds > 0 else None}
+            "images_per_second": round(rows / seconds, 3) if seconds > 0 else None,
+            "adapter_loads": adapters["loads"] - adapters_before["loads"],
+            "adapter_switches": adapters["switches"] - adapters_before["switches"]}
 
 
 def marker_extra(run: RunConfig, device) -> dict:
@@ -81,13 +86,13 @@ def generate_shards(
     writing = deque()
     progress = RunProgress()  # once a row has come out, rows failing alone are the rows' problem, in any shard
     for shard, rows, carried, keys in iter_shard_rows(plan, defaults, info.size_multiple, run.storage_options):
-        started = time.perf_counter()
+        started, adapters = time.perf_counter(), adapter_counts()
         encoded, failed = generate_shard_images(
             components, rows, run, encode_images, encoding, lambda batch, failed: bar.update(len(batch)), stages=TASK_STAGES,
             progress=progress, shard=shard.index,
         )
         failures = shard_failures(rows, keys, failed)
-        stats = {**extra, **shard_stats(started, len(rows))}
+        stats = {**extra, **shard_stats(started, len(rows), adapters)}
         writing.append(
             WRITE_SHARD.submit(fs, root, shard.index, rows, keys, encoded, carried, run.sampler, info.ref, failures, stats)
         )

@@ -31,6 +31,7 @@ from nodes.dataset.ingest import Shard
 from nodes.dataset.store import open_output, storage_options_from_env
 from nodes.errors import ModelError
 from nodes.params import Row, RunConfig
+from nodes.pipeline.adapters import adapter_counts
 from nodes.pipeline.batch import generate_shard_images
 from nodes.pipeline.components import inspect_model, load_components, resolve_device, resolve_dtype
 from nodes.pipeline.embeddings import with_embeddings
@@ -67,7 +68,7 @@ class ShardRequest:
 
 def run_shard(request: ShardRequest) -> dict:
     """Worker side: generate one shard on this worker's device and commit it; returns its marker."""
-    started = time.perf_counter()
+    started, adapters = time.perf_counter(), adapter_counts()
     worker = worker_id()
     device = resolve_device(os.environ.get(DEVICE_ENV))
     total = len(request.rows)
@@ -110,7 +111,7 @@ def run_shard(request: ShardRequest) -> dict:
         components, request.rows, run, image_encoder(components, run), deque(), on_batch, device_slot, TASK_STAGES,
         shard=request.shard.index,
     )
-    extra = {**marker_extra(run, device), **shard_stats(started, total)}
+    extra = {**marker_extra(run, device), **shard_stats(started, total, adapters)}
     rows, keys = request.rows, request.keys
     return write_shard(
         fs, root, request.shard.index, rows, keys, [e.result() for e in encoded], request.carried, run.sampler,

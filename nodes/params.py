@@ -55,6 +55,17 @@ SAMPLERS: dict[str, Sampler] = {
 
 
 @dataclass(frozen=True)
+class Lora:
+    """A LoRA file applied at a weight: one adapter of a row's set."""
+
+    name: str  # its file's stem, as AUTOMATIC1111 names LoRAs (written to the dataset and the infotext)
+    path: str  # where it was read
+    sha256: str  # the file's content (hex): its identity in the row key, the manifest and the infotext
+    weight: float  # diffusers' adapter weight (set_adapters), A1111's <lora:name:weight>
+    short_hash: str = ""  # what A1111's infotext gives as its hash (nodes.pipeline.adapters.a1111_hash), 12 hex digits
+
+
+@dataclass(frozen=True)
 class GenerationDefaults:
     """Run-level values; a row's own non-null column overrides each of them."""
 
@@ -67,6 +78,8 @@ class GenerationDefaults:
     family: str = "sd"  # the model's family (nodes.pipeline.family): which columns its rows resolve
     guidance_rescale: float = 0.0  # diffusers' rescale_noise_cfg factor in [0, 1]; 0 leaves guidance as it is
     clip_skip: int = 0  # diffusers' clip_skip: text encoder layers skipped before the family's own; 0 skips none
+    loras: tuple[Lora, ...] | None = None  # --lora, for every row; None: the run uses no LoRA (rows' loras stay None)
+    lora_dir: str | None = None  # --lora-dir: where a LoRA named without a path is found, as NAME.safetensors
 
 
 # --- checks: a value as read from the table (or an option) -> the resolved value, or None if invalid ---
@@ -126,13 +139,39 @@ def _pair(t: pa.DataType) -> bool:
     return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) and _numeric(t.value_type)
 
 
+def _loras(t: pa.DataType) -> bool:
+    """A list of structs with a `name` or a `path` (text) and a `weight` (a number)."""
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
+        return False
+    fields = {f.name: f.type for f in t.value_type}
+    names = [fields[n] for n in ("name", "path") if n in fields]
+    return bool(names) and all(_text(n) for n in names) and "weight" in fields and _numeric(fields["weight"])
+
+
 KINDS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
     "id": (lambda t: pa.types.is_integer(t) or _text(t), "an integer or a string"),
     "text": (_text, "a string"),
     "integer": (_numeric, "an integer"),
     "number": (_numeric, "a number"),
     "pair": (_pair, "a list of two integers"),
+    "loras": (_loras, "a list of structs {name or path: string, weight: number}"),
 }
+
+# The `loras` column as the dataset holds it (and as a prompt table may give it, or with `path` for `name`).
+LORAS_TYPE = pa.list_(pa.struct([("name", pa.string()), ("weight", pa.float64())]))
+LORAS_RULE = (  # a format string (Column.rule): braces doubled
+    "must be a list of {{name or path, weight}}: a LoRA named by its file's stem in --lora-dir or by the path of its "
+    ".safetensors file, at a finite weight, each LoRA once (so must the prompt's <lora:name:weight> tags, which need "
+    "--lora-dir)"
+)
+
+
+def _loras_key(loras: tuple[Lora, ...] | None) -> list | None:
+    return [[lora.sha256, lora.weight] for lora in loras] if loras else None
+
+
+def _loras_written(loras: tuple[Lora, ...] | None) -> list | None:
+    return None if loras is None else [{"name": lora.name, "weight": lora.weight} for lora in loras]
 
 
 def pixel_pair(value, _m) -> tuple[int, int] | None:
@@ -144,6 +183,7 @@ def pixel_pair(value, _m) -> tuple[int, int] | None:
 
 
 REQUIRED = object()  # a Column's `neutral` where a Row must always be given the column
+INVALID = object()  # what a column's resolver (nodes.dataset.ingest.RESOLVERS) returns for a value it refuses
 
 
 @dataclass(frozen=True)
@@ -166,6 +206,8 @@ class Column:
     # it accepts. Given an int64/uint64 NumPy array for integer columns, an Arrow string array for text (nulls: any
     # answer). None: `check` is called per distinct value or per row. Must agree with `check` value for value.
     check_array: Callable[[Any, int], np.ndarray] | None = None
+    key_value: Callable[[Any], Any] | None = None  # what of a value enters the row key (None: left out); default all
+    written_value: Callable[[Any], Any] | None = None  # a value as the dataset holds it; default as it is
 
 
 def is_blank(text: str) -> bool:
@@ -255,6 +297,14 @@ COLUMNS: tuple[Column, ...] = (
         "must be a whole number from 0 (no layer skipped), below the text encoder's layer count",
         lambda d, r: d.clip_skip, neutral=0, check_array=_whole_numbers(0, MAX_CLIP_SKIP),
     ),
+    # The row's LoRA set: the run's --lora, its own `loras` and its prompt's <lora:name:weight> tags, resolved against
+    # the run and the row's prompt (nodes.dataset.ingest.RESOLVERS, not check and default). None where the run uses
+    # no LoRA; () for a row without one in a run that does. Only content and weight enter the key, and only a
+    # non-empty set: rows without LoRA keep the keys they had before.
+    Column(
+        "loras", tuple, "loras", LORAS_TYPE, lambda v, m: v, LORAS_RULE, neutral=None,
+        key_value=_loras_key, written_value=_loras_written,
+    ),
 )
 COLUMN_NAMES = tuple(c.name for c in COLUMNS)
 
@@ -263,9 +313,14 @@ RUN_COLUMNS = ("scheduler", "model")
 OUTPUT_COLUMNS = ("image",) + COLUMN_NAMES + RUN_COLUMNS
 
 
-def _shape_key(self) -> tuple[int, int, int]:
-    """Rows that share this key can share a batch: (width, height, steps)."""
-    return (self.width, self.height, self.steps)
+def lora_set(row) -> tuple:
+    """A row's LoRA set as batches share it: ((sha256, weight), ...); () for none."""
+    return tuple((lora.sha256, lora.weight) for lora in row.loras or ())
+
+
+def _shape_key(self) -> tuple:
+    """Rows that share this key can share a batch: (width, height, steps, their LoRA set: lora_set)."""
+    return (self.width, self.height, self.steps, lora_set(self))
 
 
 # One prompt-table row with every generation parameter resolved: `position` (0-based, in the table), then one

@@ -23,10 +23,12 @@ from prefect.cache_policies import NO_CACHE
 
 from nodes.dataset.store import loadable_type
 from nodes.errors import PromptTableError, StorageError, name_ids
+from nodes.pipeline.adapters import resolve_row_loras
 from nodes.pipeline.components import ModelInfo
 from nodes.params import (
     COLUMN_NAMES,
     COLUMNS,
+    INVALID,
     Column,
     KINDS,
     MAX_CLIP_SKIP,
@@ -41,6 +43,10 @@ from nodes.params import (
     unit_fraction,
     whole_number,
 )
+
+# Columns resolved against the run and the rest of their row, in place of their check and default: (value, run
+# defaults, the row's columns resolved so far, whether the table has the column) -> the value, or INVALID.
+RESOLVERS: dict[str, Callable] = {"loras": resolve_row_loras}
 
 SCAN_ROWS = 65_536  # rows per record batch in the planning pass: a few MB of control columns
 READ_BUFFER = 4 << 20  # bytes read at a time from a column chunk, however large its row group
@@ -274,6 +280,12 @@ def resolve_rows(
     for i, row_values in enumerate(zip(*read)):
         resolved = {}
         for column, value in zip(columns, row_values):
+            if column.name in RESOLVERS:  # resolved against the run and the row (LoRA sets)
+                resolved[column.name] = RESOLVERS[column.name](value, defaults, resolved, column.name in chunk.column_names)
+                if resolved[column.name] is INVALID:
+                    invalid[start + i] = (row_values[0], (column.name, column.rule.format(m=size_multiple)))
+                    break
+                continue
             if value is None and column.default is not None:
                 resolved[column.name] = column.default(defaults, resolved)
                 continue
@@ -354,7 +366,8 @@ OPTION_RULES = {
 
 
 KEY_COLUMNS = tuple(c.name for c in COLUMNS if c.in_key)
-OPTIONAL_KEY = tuple(c.families is not None for c in COLUMNS if c.in_key)
+OPTIONAL_KEY = tuple(c.neutral is None for c in COLUMNS if c.in_key)  # left out of the key where None
+KEY_VALUES = tuple(c.key_value or (lambda v: v) for c in COLUMNS if c.in_key)
 _KEY_JSON = json.JSONEncoder(ensure_ascii=False).encode  # exactly json.dumps(..., ensure_ascii=False), built once
 
 
@@ -372,7 +385,7 @@ def row_key(row: Row, scheduler: str, model_fingerprint: str, image_format: str 
     A committed row with the same key is the same image; changing any of these makes a new row.
     """
     # A family's own columns are None for other families' rows: left out, their keys stay what they were.
-    values = [getattr(row, name) for name in KEY_COLUMNS]
+    values = [key_value(getattr(row, name)) for name, key_value in zip(KEY_COLUMNS, KEY_VALUES)]
     identity = key_identity((scheduler, model_fingerprint, image_format))
     payload = _KEY_JSON([v for v, optional in zip(values, OPTIONAL_KEY) if not (optional and v is None)] + identity)
     return int.from_bytes(hashlib.blake2b(payload.encode(), digest_size=8).digest(), "big")
@@ -451,6 +464,9 @@ class _ColumnResolver:
             self.python[name] = lambda i: self.start + i
             self.fragments[name] = pa.array(np.arange(self.start, self.start + self.n, dtype=np.int64)).cast(pa.string())
             return
+        if column.name in RESOLVERS:
+            self._resolve_per_row(column)
+            return
         values = _arrow_column(self.chunk, name) if name in self.chunk.column_names else pa.nulls(self.n)
         nulls = values.is_null().to_numpy(zero_copy_only=False)
         valid = np.ones(self.n, dtype=bool) if column.default is not None else ~nulls
@@ -476,6 +492,34 @@ class _ColumnResolver:
             self.first_bad.append((newly, column))
             self.bad |= newly
         self.fragments[name] = fragments
+
+    def _resolve_per_row(self, column) -> None:
+        """A column resolved against the run and the row (RESOLVERS), row by row, as resolve_rows does; its key
+        fragment is null where Column.key_value leaves it out. Where the run uses no LoRA and the table has no such
+        column, only the rows whose prompt holds a tag are looked at."""
+        in_table = column.name in self.chunk.column_names
+        raw = _values(self.chunk, column.name, self.start) if in_table else [None] * self.n
+        rows = np.flatnonzero(~self.bad)
+        if column.name == "loras" and self.defaults.loras is None and not in_table:
+            prompts = _arrow_column(self.chunk, "prompt")
+            tagged = pc.fill_null(pc.match_substring(prompts, "<lora:"), False).to_numpy(zero_copy_only=False)
+            rows = np.flatnonzero(~self.bad & tagged)
+        resolved: dict[int, object] = {}
+        newly = np.zeros(self.n, dtype=bool)
+        for i in rows.tolist():
+            view = _RowView(self.python, i)
+            value = RESOLVERS[column.name](raw[i], self.defaults, view, in_table)
+            if value is INVALID:
+                newly[i] = True
+            else:
+                resolved[i] = value
+        key_value = column.key_value or (lambda v: v)
+        keyed = [None if i not in resolved else key_value(resolved[i]) for i in range(self.n)]
+        self.python[column.name] = lambda i: resolved.get(i)
+        self.fragments[column.name] = pa.array([None if k is None else _KEY_JSON(k) for k in keyed], pa.string())
+        if newly.any():
+            self.first_bad.append((newly, column))
+            self.bad |= newly
 
     def _by_distinct_value(self, column, values, nulls, valid):
         """Numbers: the column's check and JSON text once per distinct value (by bit pattern: -0.0 is not 0.0)."""
@@ -548,7 +592,8 @@ def key_rows(
         elif not (optional and c.neutral is None):  # a family's column for other families: left out of the key
             parts.append(pa.scalar(_KEY_JSON(c.neutral)))
     parts += [pa.scalar(_KEY_JSON(value)) for value in key_identity(identity)]
-    payloads = pc.binary_join_element_wise("[", pc.binary_join_element_wise(*parts, ", "), "]", "")
+    # null_handling="skip": a null fragment (a column's value left out of this row's key, as row_key does) is no part
+    payloads = pc.binary_join_element_wise("[", pc.binary_join_element_wise(*parts, ", ", null_handling="skip"), "]", "")
     blake2b = hashlib.blake2b
     digests = b"".join([blake2b(p, digest_size=8).digest() for p in payloads.cast(pa.binary()).to_pylist()])
     return keep, np.frombuffer(digests, dtype=">u8").astype(np.uint64), invalid

@@ -43,6 +43,7 @@ def build_manifest(
     written: list[dict],
     timings: dict,
     image: ImageFormat = ImageFormat(),
+    adapters: dict | None = None,
 ) -> dict:
     """The dataset's record after a run: `committed` is every shard in OUT, `written` those this run committed.
 
@@ -75,6 +76,8 @@ def build_manifest(
             "image_format": image.name,
             "image_quality": image.quality,  # None: lossless (PNG, WebP without a quality)
             "image_lossless": image.lossless,
+            # --lora, for every row: each file's name, content and weight (rows' own sets are in their `loras` column)
+            "loras": [{"name": x.name, "sha256": x.sha256, "weight": x.weight} for x in defaults.loras or ()],
         },
         "versions": software_versions(),
         "rows": {
@@ -94,6 +97,8 @@ def build_manifest(
         "shards": [s for s in committed.shards if s["file"]],
         "shards_written": sorted(m["shard"] for m in written if m["file"]),  # this run's, of those above
         "timings": timings,
+        # The LoRA files the run named (name, path, sha256), and how many adapter loads and set switches it took.
+        "adapters": adapters or {"loras": [], "loads": 0, "switches": 0},
     }
 
 

@@ -75,6 +75,9 @@ def infotext(row: Row, scheduler: str, model: str, version: str, embeddings: tup
         ("Size", f"{row.width}x{row.height}"),
         ("Model", model),
     ]
+    if row.loras:  # as A1111 records the LoRAs of a prompt: "name: short hash, ..." (its names without : and ,)
+        names = [lora.name.replace(":", "").replace(",", "") for lora in row.loras]
+        fields.append(("Lora hashes", ", ".join(f"{name}: {lora.short_hash}" for name, lora in zip(names, row.loras))))
     if row.clip_skip:  # A1111 counts the last layer as 1 (diffusers' 0) and writes it only from 2 on
         fields.append(("Clip skip", row.clip_skip + 1))
     hashes = ti_hashes(row, embeddings)
@@ -238,8 +241,9 @@ def shard_table(rows: list[Row], encoded: dict[int, bytes], carried: pa.Table, s
     columns = {"image": images}
     for column in COLUMNS:
         values = [getattr(r, column.name) for r in rows]
-        if column.families is None or any(v is not None for v in values):  # a family's own columns, for its rows
-            columns[column.name] = pa.array(values, column.written)
+        if column.neutral is not None or any(v is not None for v in values):  # a family's own columns, for its rows
+            written = [column.written_value(v) for v in values] if column.written_value else values
+            columns[column.name] = pa.array(written, column.written)
     columns["scheduler"] = pa.array([scheduler] * len(rows), pa.string())
     columns["model"] = pa.array([model] * len(rows), pa.string())
     for field in carried.schema:  # as the table holds them, where every reader can load that (loadable_type)

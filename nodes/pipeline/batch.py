@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 from nodes.errors import RunError, SdflowError, exception_chain, name_ids
-from nodes.params import Row, RunConfig
+from nodes.params import Row, RunConfig, lora_set
+from nodes.pipeline.adapters import active_set, use_loras
 from nodes.pipeline.decode import decode_latents
 from nodes.pipeline.denoise import denoise, make_scheduler
 from nodes.pipeline.encode import batch_key, encode_prompts
@@ -63,6 +64,7 @@ def generate_batch(components, scheduler: str | None, rows: list[Row], failed: d
     retry never changes an image), and a row that still fails is recorded in `failed` (position -> error) and
     left out, so the rest of the run goes on (the caller reports it). Input errors stop the run.
     """
+    use_loras(components, rows[0].loras)  # a batch shares its LoRA set (Row.shape_key); a no-op when it is active
     try:
         sched = make_scheduler(scheduler, components.info.scheduler_config, rows[0].steps, components.device)
         generators = make_generators(rows)
@@ -121,13 +123,20 @@ def interrupt_behind(error: BaseException) -> BaseException | None:
     return next((e for e in exception_chain(error) if not isinstance(e, Exception)), None)
 
 
-def make_batches(rows: list[Row], batch_size: int, key: Callable[[Row], tuple] = lambda r: r.shape_key) -> list[list[Row]]:
-    """Group rows into batches of up to `batch_size` that share `key` (width, height and steps; the engine adds
-    the prompts' chunk count, encode.batch_key), in first-seen order."""
+def make_batches(
+    rows: list[Row], batch_size: int, key: Callable[[Row], tuple] = lambda r: r.shape_key, active: tuple = ()
+) -> list[list[Row]]:
+    """Group rows into batches of up to `batch_size` that share `key` (width, height, steps and LoRA set; the engine
+    adds the prompts' chunk count, encode.batch_key).
+
+    Groups of one LoRA set run one after another, the set `active` now first, then the others in a fixed order (so a
+    shard costs one adapter switch per set, and the next shard starts where this one ended); otherwise first-seen.
+    """
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
         groups.setdefault(key(row), []).append(row)
-    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+    ordered = sorted(groups.values(), key=lambda group: (lora_set(group[0]) != active, lora_set(group[0])))  # stable
+    return [group[i : i + batch_size] for group in ordered for i in range(0, len(group), batch_size)]
 
 
 def generate_shard_images(
@@ -156,7 +165,8 @@ def generate_shard_images(
     futures = []
     failed: dict[int, str] = {}
     tried: list[Row] | None = None if progress.produced else []  # the rows tried before any came out
-    for number, batch in enumerate(make_batches(rows, run.batch_size, lambda r: batch_key(components, r))):
+    batches = make_batches(rows, run.batch_size, lambda r: batch_key(components, r), active_set(components))
+    for number, batch in enumerate(batches):
         place = CURRENT_BATCH.set(BatchPlace(shard, number))
         try:
             with device_slot():

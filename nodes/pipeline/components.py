@@ -360,8 +360,9 @@ def model_fingerprint(local: Path | None, family: ModelFamily, source: str, conf
     return digest.hexdigest()[:16]
 
 
-def _hash_files(digest, paths: list[tuple[str, Path]]) -> None:
-    """Add each (name, file)'s sha256 to `digest`, from the cache by file identity where it is current."""
+def _hash_files(digest, paths: list[tuple[str, Path]]) -> list[str]:
+    """Add each (name, file)'s sha256 to `digest`, from the cache by file identity where it is current; returns them."""
+    hashes = []
     with _hash_lock:
         cache, changed = _read_hash_cache(), False
         for name, path in paths:
@@ -375,8 +376,10 @@ def _hash_files(digest, paths: list[tuple[str, Path]]) -> None:
                 if [stat.st_size, stat.st_mtime_ns, stat.st_ino] == identity:  # not written to while read
                     cache[str(path)], changed = entry, True
             digest.update(f"{name}\0{entry[3]}\n".encode())
+            hashes.append(entry[3])
         if changed:
             _write_hash_cache(cache)
+    return hashes
 
 
 def _sha256_file(path: Path) -> str:

@@ -15,6 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from nodes.errors import PromptTableError
+from nodes.pipeline.adapters import without_lora_tags
 from nodes.pipeline.components import Components
 from nodes.pipeline.embeddings import expand_tokens
 from nodes.pipeline.family import TextEncoder
@@ -50,7 +51,7 @@ def _tokenizers(components: Components) -> list:
 def chunk_count(components: Components, row: Row) -> int:
     """How many 75-token chunks the row's embeddings have: its prompt's, or its negative prompt's if longer and
     the row uses guidance (the shorter is padded with empty chunks, as A1111 pads it)."""
-    texts = [row.prompt] + ([row.negative_prompt] if uses_guidance(row.guidance_scale) else [])
+    texts = [without_lora_tags(row.prompt)] + ([row.negative_prompt] if uses_guidance(row.guidance_scale) else [])
     texts = expand_tokens(texts, components.info.embeddings)  # as _encode reads them
     return max(len(_chunks(tokenizer, text)) for tokenizer in _tokenizers(components) for text in texts)
 
@@ -184,7 +185,7 @@ def encode_prompts(components: Components, rows: list[Row]) -> PromptEmbeds:
     if len(counts) != 1:
         raise ValueError(f"rows of different prompt chunk counts {sorted(counts)} in one batch (see batch_key)")
     count, skips = counts.pop(), [r.clip_skip for r in rows]
-    embeds, pooled = _encode_all(components, [r.prompt for r in rows], count, skips)
+    embeds, pooled = _encode_all(components, [without_lora_tags(r.prompt) for r in rows], count, skips)
     negative = negative_pooled = None
     if any(uses_guidance(r.guidance_scale) for r in rows):
         # Rows without guidance never use theirs: "" stands in, so that it cannot lengthen the batch's chunks.
