@@ -22,8 +22,9 @@ MAX_STEPS = 1000  # the training schedule's length: schedulers cannot take more 
 MAX_SIDE = 4096  # pixels; larger sides are refused as almost certainly a mistake in the table
 MAX_SEED = 2**63 - 1  # seeds are stored as int64; torch.Generator.manual_seed accepts all of these
 MAX_PAIR = 65536  # pixels, for SDXL's size and crop conditioning (what it was trained on is far below)
-# Images one row may make: A1111's most per prompt is 100 batches (of up to 8). A planning chunk holds 8 bytes of
-# key per image, so the bound keeps it flat; for more images of one prompt, repeat the row under other ids.
+# Images one row may make (A1111's UI makes at most 100 batches of 8). Planning holds ~20 bytes per image of a chunk
+# of 65,536 rows (measured: 256 MiB at 100 images each), so the bound keeps it flat; for more, repeat the row under
+# other ids.
 MAX_IMAGES = 100
 
 

@@ -123,7 +123,7 @@ def encode_image(pixels: np.ndarray, parameters: str, image: ImageFormat = Image
 
 def encode_images(
     images, rows: list[Row], scheduler: str, model: str, version: str, image: ImageFormat = ImageFormat()
-) -> dict[int, bytes]:
+) -> dict[tuple[int, int], bytes]:
     """Encoded images (encode_image) for a batch of images (B, H, W, 3) uint8, keyed by Row.slot."""
     pixels = np.asarray(images)
     encoded = {}
