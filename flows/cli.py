@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs and full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="generate one image per row of a prompt table")
+    gen = commands.add_parser("generate", help="generate the images of a prompt table's rows (one per row unless asked for more)")
     gen.add_argument("prompts", help="Parquet prompt table: local path or fsspec URL (s3://...); 'example' for the bundled one")
     gen.add_argument("out", help="output dataset folder: local path or fsspec URL")
     gen.add_argument("--model", help="a diffusers folder, a single-file checkpoint (.safetensors, SD 1.x/2.x/SDXL, original layout), either as a local path or fsspec URL, or a hub id (default: sdflow:shapes, the embedded model)")
@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, help="pixels (default: the model's native size)")
     gen.add_argument("--height", type=int, help="pixels (default: the model's native size)")
     gen.add_argument("--negative-prompt", help="default negative prompt (default: none)")
+    gen.add_argument("--images-per-prompt", type=int, default=1, help="images each row makes, seeds seed+0, seed+1, ...; a row's `images` column overrides it (default: 1)")
     gen.add_argument("--batch-size", type=int, default=8, help="images per U-Net batch (default: 8)")
-    gen.add_argument("--shard-size", type=int, default=256, help="prompt-table rows per output Parquet file (default: 256)")
+    gen.add_argument("--shard-size", type=int, default=256, help="images (output rows) per output Parquet file (default: 256)")
     gen.add_argument("--seed", type=int, default=0, help="run seed, from which rows without a seed derive theirs (default: 0)")
     gen.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA, float32 on CPU")
@@ -422,6 +423,7 @@ def generate(args: argparse.Namespace, server) -> str:
         progress=sys.stderr.isatty() or args.verbose,
         image_format=args.image_format,
         image_quality=args.quality,
+        images_per_prompt=args.images_per_prompt,
     )
     return f"sdflow: {summary(manifest, args.out)}"
 

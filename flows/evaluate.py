@@ -1,7 +1,7 @@
 """The evaluation flow: score a generated dataset of the shapes domain against its prompts.
 
 Reads OUT's committed shards one at a time and writes, beside them:
-    OUT/evaluation/data/part-NNNNN.parquet  per data shard: image, id, prompt and the row's scores (a dataset too)
+    OUT/evaluation/data/part-NNNNN.parquet  per data shard: image, id, image_index, prompt and the row's scores (a dataset too)
     OUT/evaluation/summary.json             accuracy per attribute for seen and held-out combinations, mean CLIP score
     OUT/evaluation/contact_sheet.png        the first rows' images with their prompts, framed green (all correct) or red
 and publishes the summary as Prefect artifacts. Running it again rewrites all three.
@@ -40,7 +40,7 @@ CLIP_BATCH = 256  # images per CLIP forward pass
 
 @task(name="score-shard", cache_policy=NO_CACHE, persist_result=False)
 def score_shard_task(table: pa.Table, scorer: ClipScorer) -> pa.Table:
-    """A data shard's image, id and prompt with the judge's columns and the CLIP score."""
+    """A data shard's image, id, image_index and prompt with the judge's columns and the CLIP score."""
     images = decode_images(table.column("image"))
     prompts = table.column("prompt").to_pylist()
     scores = judge_rows(images, prompts)
@@ -48,7 +48,7 @@ def score_shard_task(table: pa.Table, scorer: ClipScorer) -> pa.Table:
         float(s) for start in range(0, len(images), CLIP_BATCH)
         for s in scorer(images[start:start + CLIP_BATCH], prompts[start:start + CLIP_BATCH])
     ]
-    scored = table.select(["image", "id", "prompt"])
+    scored = table.select(["image", "id", "image_index", "prompt"])
     columns = pa.Table.from_pandas(scores, preserve_index=False)
     for name in columns.column_names:
         scored = scored.append_column(name, columns.column(name))
@@ -72,7 +72,7 @@ def evaluate_dataset(out: str, model: str | None = None, sheet_rows: int = SHEET
 
     frames, sheet = [], {"images": [], "captions": [], "marks": []}
     for marker in markers:
-        scored = score_shard_task(read_dataset_file(fs, root, marker["file"], ["image", "id", "prompt"]), scorer)
+        scored = score_shard_task(read_dataset_file(fs, root, marker["file"], ["image", "id", "image_index", "prompt"]), scorer)
         write_file(fs, f"{root}/{EVALUATION}/{marker['file']}", parquet_bytes(scored))  # data/part-NNNNN.parquet
         frame = scored.drop_columns(["image"]).to_pandas()
         frames.append(frame)

@@ -54,7 +54,7 @@ def check_inputs(p: dict) -> Job:
     )
     defaults = resolve_defaults(
         info, p["steps"], p["guidance"], p["width"], p["height"], p["negative_prompt"], p["seed"], p["guidance_rescale"],
-        p["clip_skip"],
+        p["clip_skip"], p["images_per_prompt"],
     )
     forget_named()  # the manifest lists the LoRA files this run names, from here on
     defaults = replace(defaults, loras=run_loras(p["loras"], p["lora_dir"]), lora_dir=p["lora_dir"])
@@ -165,8 +165,11 @@ def generate_dataset(
     progress: bool = False,
     image_format: str = "png",
     image_quality: int | None = None,
+    images_per_prompt: int = 1,
 ) -> dict:
-    """Generate one image per row of the Parquet table `prompts` into the dataset at `out`; returns the manifest.
+    """Generate images of the rows of the Parquet table `prompts` into the dataset at `out`; returns the manifest.
+
+    Each row makes its `images` column's count of images, else `images_per_prompt`, each an output row of its own.
 
     Options left as None take the model's own values. Storage credentials come from the AWS environment
     or SDFLOW_STORAGE_OPTIONS, never from parameters. `image_format` is png (lossless), webp or jpeg; `image_quality`

@@ -23,6 +23,10 @@ MAX_SIDE = 4096  # pixels; larger sides are refused as almost certainly a mistak
 MAX_SEED = 2**63 - 1  # seeds are stored as int64; torch.Generator.manual_seed accepts all of these
 MAX_PAIR = 65536  # pixels, for SDXL's size and crop conditioning (what it was trained on is far below)
 MAX_CLIP_SKIP = 100  # beyond any CLIP's depth; the model's own limit is checked against its text encoders
+# Images one row may make (A1111's UI makes at most 100 batches of 8). Planning holds ~20 bytes per image of a chunk
+# of 65,536 rows (measured: 256 MiB at 100 images each), so the bound keeps it flat; for more, repeat the row under
+# other ids.
+MAX_IMAGES = 100
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class GenerationDefaults:
     clip_skip: int = 0  # diffusers' clip_skip: text encoder layers skipped before the family's own; 0 skips none
     loras: tuple[Lora, ...] | None = None  # --lora, for every row; None: the run uses no LoRA (rows' loras stay None)
     lora_dir: str | None = None  # --lora-dir: where a LoRA named without a path is found, as NAME.safetensors
+    images: int = 1  # images each row makes (--images-per-prompt), each its own output row (image_seed)
 
 
 # --- checks: a value as read from the table (or an option) -> the resolved value, or None if invalid ---
@@ -124,6 +129,12 @@ def derive_seed(run_seed: int, row_id: int | str) -> int:
     """A row's seed when the table gives none: a stable hash of the run seed and the row id, in [0, 2**63)."""
     digest = hashlib.blake2b(f"{run_seed}\x1f{row_id!r}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
+
+
+def image_seed(seed: int, image_index: int) -> int:
+    """The seed of a row's image `image_index`: the row's seed plus the index, as A1111 seeds the images of a batch,
+    wrapped into [0, MAX_SEED]. Image 0 is the row's own seed, so a row's first image is its single image."""
+    return (seed + image_index) % (MAX_SEED + 1)
 
 
 # What a table column may hold: (predicate on its Arrow type, words for the error message).
@@ -208,6 +219,7 @@ class Column:
     check_array: Callable[[Any, int], np.ndarray] | None = None
     key_value: Callable[[Any], Any] | None = None  # what of a value enters the row key (None: left out); default all
     written_value: Callable[[Any], Any] | None = None  # a value as the dataset holds it; default as it is
+    stored: bool = True  # written to each output row; False: it only shapes the run (how many images a row makes)
 
 
 def is_blank(text: str) -> bool:
@@ -278,6 +290,12 @@ COLUMNS: tuple[Column, ...] = (
         "guidance_rescale", float, "number", pa.float64(), lambda v, m: unit_fraction(v), "must be a number from 0 to 1",
         lambda d, r: d.guidance_rescale, neutral=0.0,
     ),
+    # How many images the row makes, each an output row of its own with an image_index and seed (image_seed).
+    # Not in the key, each image's index is: raising it from 2 to 4 makes images 2 and 3 and keeps 0 and 1.
+    Column(
+        "images", int, "integer", None, lambda v, m: whole_number(v, 1, MAX_IMAGES), f"must be a whole number from 1 to {MAX_IMAGES}",
+        lambda d, r: d.images, in_key=False, neutral=1, check_array=_whole_numbers(1, MAX_IMAGES), stored=False,
+    ),
     # SDXL's micro-conditioning, with StableDiffusionXLPipeline's defaults: the row's own (height, width), no crop.
     Column(
         "original_size", tuple, "pair", pa.list_(pa.int32()), pixel_pair, f"must be [height, width], two whole numbers from 0 to {MAX_PAIR}",
@@ -309,8 +327,9 @@ COLUMNS: tuple[Column, ...] = (
 COLUMN_NAMES = tuple(c.name for c in COLUMNS)
 
 # Columns that sdflow adds to each output row beside the table's own; an input column may not take one of these names.
+# image_index (which of its row's images, from 0) follows `id` in the dataset: (id, image_index) is unique there.
 RUN_COLUMNS = ("scheduler", "model")
-OUTPUT_COLUMNS = ("image",) + COLUMN_NAMES + RUN_COLUMNS
+OUTPUT_COLUMNS = ("image",) + COLUMN_NAMES + ("image_index",) + RUN_COLUMNS
 
 
 def lora_set(row) -> tuple:
@@ -323,14 +342,26 @@ def _shape_key(self) -> tuple:
     return (self.width, self.height, self.steps, lora_set(self))
 
 
-# One prompt-table row with every generation parameter resolved: `position` (0-based, in the table), then one
-# field per column of COLUMNS. `id` is the row's id, or its position where the table has none. Columns of other
+def _slot(self) -> tuple[int, int]:
+    """Which output row this is, unique in a run: (position, image_index). A table row making several images
+    shares its position with them, so images, failures and encodings are keyed by this."""
+    return (self.position, self.image_index)
+
+
+# One image of a prompt-table row, with every generation parameter resolved: `position` (0-based, in the table),
+# then one field per column of COLUMNS, then `image_index` (which of the row's `images`, from 0; its `seed` is
+# image_seed of the row's). `id` is the row's id, or its position where the table has none. Columns of other
 # families than the model's are None.
 Row = make_dataclass(
     "Row",
-    [("position", int)] + [(c.name, c.type) if c.neutral is REQUIRED else (c.name, c.type, field(default=c.neutral)) for c in COLUMNS],
+    [("position", int)]
+    + [(c.name, c.type) if c.neutral is REQUIRED else (c.name, c.type, field(default=c.neutral)) for c in COLUMNS]
+    + [("image_index", int, field(default=0))],
     frozen=True,
-    namespace={"shape_key": property(_shape_key), "__doc__": "One prompt-table row with every generation parameter resolved."},
+    namespace={
+        "shape_key": property(_shape_key), "slot": property(_slot),
+        "__doc__": "One image of a prompt-table row, with every generation parameter resolved.",
+    },
 )
 Row.__module__ = __name__  # so that rows pickle (pool workers receive them) as nodes.params.Row
 

@@ -120,7 +120,7 @@ def test_generate_then_evaluate_with_the_embedded_model(prefect_api, tmp_path, c
 
     scored = load_dataset("parquet", data_files=str(out / "evaluation" / "data" / "*.parquet"), split="train")
     assert scored[0]["image"].size == (64, 64)
-    assert {"id", "prompt", "judged_colour", "colour_ok", "all_ok", "combination", "clip_score"} <= set(scored.column_names)
+    assert {"id", "image_index", "prompt", "judged_colour", "colour_ok", "all_ok", "combination", "clip_score"} <= set(scored.column_names)
     data = pq.read_table(out / "data").to_pandas()
     assert sorted(scored["id"]) == sorted(data["id"])
     summary = json.loads((out / "evaluation" / "summary.json").read_text())

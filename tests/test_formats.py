@@ -185,5 +185,5 @@ def test_an_infotext_too_long_for_jpeg_names_its_row():
     pixels = np.zeros((1, 64, 64, 3), np.uint8)
     with pytest.raises(SdflowError, match="row 'long-one': its infotext .* does not fit in a JPEG's EXIF"):
         encode_images(pixels, [row], "euler", "m", "1", ImageFormat("jpeg", 95))
-    webp = encode_images(pixels, [row], "euler", "m", "1", ImageFormat("webp"))[0]
+    webp = encode_images(pixels, [row], "euler", "m", "1", ImageFormat("webp"))[row.slot]
     assert image_parameters(webp).startswith("word word")  # WebP's EXIF chunk has no such limit

@@ -457,7 +457,7 @@ def write_shard(
     index: int,
     rows: list[Row],
     keys: np.ndarray,
-    encoded: list[dict[int, bytes]],
+    encoded: list[dict[tuple[int, int], bytes]],
     carried: pa.Table,
     scheduler: str,
     model: str,
@@ -468,8 +468,8 @@ def write_shard(
 
     Returns its marker, with `outcome` "committed" or "already committed".
     """
-    merged = {position: data for batch in encoded for position, data in batch.items()}
-    keep = [i for i, r in enumerate(rows) if r.position in merged]
+    merged = {slot: data for batch in encoded for slot, data in batch.items()}
+    keep = [i for i, r in enumerate(rows) if r.slot in merged]
     table = shard_table([rows[i] for i in keep], merged, carried.take(keep), scheduler, model)
     marker = shard_marker(index, table, keys[keep], failed, extra)
     marker["outcome"] = commit_shard(fs, root, table, marker)
@@ -479,10 +479,10 @@ def write_shard(
 write_shard_task = task(write_shard, name="write-shard", cache_policy=NO_CACHE, persist_result=False, **TASK_RETRIES)
 
 
-def shard_failures(rows: list[Row], keys, failed: dict[int, str]) -> list[dict]:
-    """The marker's record of rows that failed: key, id, position and error."""
+def shard_failures(rows: list[Row], keys, failed: dict[tuple[int, int], str]) -> list[dict]:
+    """The marker's record of rows that failed: key, id, position (in the table), image index and error."""
     return [
-        {"key": f"{int(k):016x}", "id": r.id, "position": r.position, "error": failed[r.position]}
+        {"key": f"{int(k):016x}", "id": r.id, "position": r.position, "image_index": r.image_index, "error": failed[r.slot]}
         for r, k in zip(rows, keys)
-        if r.position in failed
+        if r.slot in failed
     ]

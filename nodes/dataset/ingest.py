@@ -32,6 +32,7 @@ from nodes.params import (
     Column,
     KINDS,
     MAX_CLIP_SKIP,
+    MAX_IMAGES,
     MAX_SEED,
     MAX_SIDE,
     MAX_STEPS,
@@ -39,6 +40,7 @@ from nodes.params import (
     GenerationDefaults,
     Row,
     finite_number,
+    image_seed,
     image_side,
     unit_fraction,
     whole_number,
@@ -54,7 +56,7 @@ READ_BUFFER = 4 << 20  # bytes read at a time from a column chunk, however large
 
 @dataclass(frozen=True)
 class Shard:
-    """Rows to generate into one output Parquet file: the next `rows` rows not yet done, in table order."""
+    """Rows to generate into one output Parquet file: the next `rows` output rows (images) not yet done, in table order."""
 
     index: int  # the file's number, part-NNNNN; a committed index is never reused
     rows: int
@@ -268,7 +270,8 @@ def resolve_rows(
 ) -> tuple[list[Row], dict[int, tuple[int | str, tuple[str, str]]]]:
     """Resolve each row's parameters (its own value, else the run default) and validate them.
 
-    Returns the valid rows and, for each invalid row position, its id and (column, problem).
+    Returns the valid rows, one per image (a row making `images` images gives that many Rows, image_index 0 up, each
+    with its image_seed), and, for each invalid row position, its id and (column, problem).
     """
     n = chunk.num_rows
     columns = [c for c in COLUMNS if c.families is None or defaults.family in c.families]
@@ -294,7 +297,10 @@ def resolve_rows(
                 invalid[start + i] = (row_values[0], (column.name, column.rule.format(m=size_multiple)))
                 break
         else:
-            rows.append(Row(position=start + i, **resolved))
+            rows += [
+                Row(position=start + i, **{**resolved, "seed": image_seed(resolved["seed"], k)}, image_index=k)
+                for k in range(resolved["images"])
+            ]
     return rows, invalid
 
 
@@ -324,6 +330,7 @@ def resolve_defaults(
     seed: int,
     guidance_rescale: float = 0.0,
     clip_skip: int = 0,
+    images: int = 1,
 ) -> GenerationDefaults:
     """The run's defaults: each option as given, else the model's own; errors name the option."""
     m = info.size_multiple
@@ -335,6 +342,7 @@ def resolve_defaults(
         "--seed": (seed, lambda v: whole_number(v, 0, MAX_SEED)),
         "--guidance-rescale": (guidance_rescale, unit_fraction),
         "--clip-skip": (clip_skip, lambda v: whole_number(v, 0, MAX_CLIP_SKIP)),
+        "--images-per-prompt": (images, lambda v: whole_number(v, 1, MAX_IMAGES)),
     }
     values = {}
     for option, (value, check) in checks.items():
@@ -351,6 +359,7 @@ def resolve_defaults(
         family=info.family,
         guidance_rescale=values["--guidance-rescale"],
         clip_skip=values["--clip-skip"],
+        images=values["--images-per-prompt"],
     )
 
 
@@ -362,6 +371,7 @@ OPTION_RULES = {
     "--seed": f"a whole number from 0 to {MAX_SEED}",
     "--guidance-rescale": "a number from 0 to 1",
     "--clip-skip": "a whole number from 0 (no layer skipped), below the text encoder's layer count",
+    "--images-per-prompt": f"a whole number from 1 to {MAX_IMAGES} (for more images of one prompt, repeat its row under other ids)",
 }
 
 
@@ -379,15 +389,17 @@ def key_identity(identity: tuple[str, ...]) -> list[str]:
 
 
 def row_key(row: Row, scheduler: str, model_fingerprint: str, image_format: str = "") -> int:
-    """A row's identity as a 64-bit integer: its columns that enter the key (COLUMNS), the sampler, the model and
-    how its image is stored (ImageFormat.key: "" for PNG).
+    """A row's identity as a 64-bit integer: its columns that enter the key (COLUMNS; its seed is its image's), its
+    image_index, the sampler, the model and how its image is stored (ImageFormat.key: "" for PNG).
 
-    A committed row with the same key is the same image; changing any of these makes a new row.
+    A committed row with the same key is the same image; changing any of these makes a new row. The number of
+    images its table row makes is not part of it: raising it keeps the images made so far.
     """
     # A family's own columns are None for other families' rows: left out, their keys stay what they were.
     values = [key_value(getattr(row, name)) for name, key_value in zip(KEY_COLUMNS, KEY_VALUES)]
     identity = key_identity((scheduler, model_fingerprint, image_format))
-    payload = _KEY_JSON([v for v, optional in zip(values, OPTIONAL_KEY) if not (optional and v is None)] + identity)
+    columns = [v for v, optional in zip(values, OPTIONAL_KEY) if not (optional and v is None)]
+    payload = _KEY_JSON(columns + [row.image_index] + identity)
     return int.from_bytes(hashlib.blake2b(payload.encode(), digest_size=8).digest(), "big")
 
 
@@ -569,8 +581,8 @@ def key_rows(
 ) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[int | str, tuple[str, str]]]]:
     """resolve_rows and row_key over a whole chunk at once, without making Rows: what planning needs.
 
-    Returns the positions (within the chunk) of the valid rows, their keys (uint64, byte for byte row_key's), and
-    the invalid rows as resolve_rows gives them.
+    Returns the positions (within the chunk) of the valid rows' images (a row's position once per image, in order),
+    their keys (uint64, byte for byte row_key's), and the invalid rows as resolve_rows gives them.
     """
     columns = [c for c in COLUMNS if c.families is None or defaults.family in c.families]
     for c in columns:  # text that is not UTF-8: the error resolve_rows gives, for the first such column
@@ -584,19 +596,38 @@ def key_rows(
         resolver.resolve(c)
     raw_ids = _lazy_list(_arrow_column(chunk, "id")) if "id" in chunk.column_names else (lambda i: start + i)
     invalid = resolver.invalid(raw_ids)
-    keep = np.flatnonzero(~resolver.bad)
-    parts = []
-    for c, optional in zip((c for c in COLUMNS if c.in_key), OPTIONAL_KEY):
-        if c.name in resolver.fragments:
-            parts.append(resolver.fragments[c.name].take(pa.array(keep)))
-        elif not (optional and c.neutral is None):  # a family's column for other families: left out of the key
-            parts.append(pa.scalar(_KEY_JSON(c.neutral)))
-    parts += [pa.scalar(_KEY_JSON(value)) for value in key_identity(identity)]
-    # null_handling="skip": a null fragment (a column's value left out of this row's key, as row_key does) is no part
-    payloads = pc.binary_join_element_wise("[", pc.binary_join_element_wise(*parts, ", ", null_handling="skip"), "]", "")
+    valid = np.flatnonzero(~resolver.bad)
+    counts = pc.cast(resolver.fragments["images"].take(pa.array(valid)), pa.int64()).to_numpy()
+    keep = np.repeat(valid, counts)  # each valid row once per image
+    image_index = (np.arange(len(keep)) - np.repeat(np.cumsum(counts) - counts, counts)).astype(np.int32)
+    seeds = None  # by position in the chunk: the rows' seeds, where a row makes more than one image
+    if counts.max(initial=1) > 1:
+        seeds = np.zeros(chunk.num_rows, np.uint64)
+        seeds[valid] = pc.cast(resolver.fragments["seed"].take(pa.array(valid)), pa.uint64()).to_numpy()
+    keys = np.empty(len(keep), np.uint64)
+    for at in range(0, len(keep), SCAN_ROWS):  # a slice of images at a time: their key texts stay a chunk's worth
+        rows, indexes = keep[at : at + SCAN_ROWS], image_index[at : at + SCAN_ROWS]
+        parts = []
+        for c, optional in zip((c for c in COLUMNS if c.in_key), OPTIONAL_KEY):
+            if c.name == "seed" and seeds is not None:  # each image's own, image_seed in uint64 (no overflow)
+                parts.append(pa.array((seeds[rows] + indexes.astype(np.uint64)) & np.uint64(MAX_SEED)).cast(pa.string()))
+            elif c.name in resolver.fragments:
+                parts.append(resolver.fragments[c.name].take(pa.array(rows)))
+            elif not (optional and c.neutral is None):  # a family's column for other families: left out of the key
+                parts.append(pa.scalar(_KEY_JSON(c.neutral)))
+        parts.append(pa.array(indexes).cast(pa.string()) if seeds is not None else pa.scalar("0"))
+        parts += [pa.scalar(_KEY_JSON(value)) for value in key_identity(identity)]
+        # null_handling="skip": a null fragment (a column's value left out of this row's key, as row_key does) is no part
+        joined = pc.binary_join_element_wise(*parts, ", ", null_handling="skip")
+        keys[at : at + len(rows)] = _hashes(pc.binary_join_element_wise("[", joined, "]", ""))
+    return keep, keys, invalid
+
+
+def _hashes(payloads: pa.Array) -> np.ndarray:
+    """Each payload's 64-bit blake2b, as row_key computes it."""
     blake2b = hashlib.blake2b
     digests = b"".join([blake2b(p, digest_size=8).digest() for p in payloads.cast(pa.binary()).to_pylist()])
-    return keep, np.frombuffer(digests, dtype=">u8").astype(np.uint64), invalid
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
 
 
 def _text_type(dtype: pa.DataType) -> bool:
@@ -630,8 +661,9 @@ def plan_prompt_table(
     """Validate every row of the table (control columns only, streamed) and plan the rows still to generate.
 
     `identity` is row_key's (scheduler, model fingerprint[, ImageFormat.key]), which with each row's values makes
-    its key; rows whose key is in `done_keys` (sorted uint64, from committed shards) are skipped. The rest are cut,
-    in table order, into shards of `rows_per_shard` numbered from `first_shard`. Raises PromptTableError naming the
+    its key; a row makes one output row per image (its `images`), each with its own key, and those whose key is in
+    `done_keys` (sorted uint64, from committed shards) are skipped. The rest are cut, in table order, into shards of
+    `rows_per_shard` output rows numbered from `first_shard`. Raises PromptTableError naming the
     invalid rows, unless `skip_invalid`, where they are listed in the plan and left out. Duplicate ids are always an
     error.
     `dataset_schema` (committed_schema) is the schema of the output's shards, which the table must keep.
@@ -770,21 +802,27 @@ def iter_shard_rows(
         was, now = json.loads(plan.version), json.loads(version)
         raise changed(plan.url, "its " + ", ".join(sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))) + " differ from when it was planned")
     shards = iter(plan.shards)
-    pending: list[tuple[list[Row], pa.Table, np.ndarray]] = []
+    # Per chunk: its rows to make (one per image), the chunk's carried columns, each row's offset into them, keys.
+    # Carried values are copied only into a shard being cut, never per image for a whole chunk (wide columns).
+    pending: list[tuple[list[Row], pa.Table, np.ndarray, np.ndarray]] = []
     buffered = 0
 
     def flush(n: int):
         nonlocal pending, buffered
-        rows = [r for part in pending for r in part[0]]
-        carried = pa.concat_tables([part[1] for part in pending])
-        keys = np.concatenate([part[2] for part in pending])
+        head, rest, left = [], [], n
+        for rows, carried, offsets, keys in pending:
+            take = min(left, len(rows))
+            if take:
+                head.append((rows[:take], _take(carried, offsets[:take]), keys[:take]))
+            if take < len(rows):
+                rest.append((rows[take:], carried, offsets[take:], keys[take:]))
+            left -= take
+        keys = np.concatenate([part[2] for part in head])
         shard = next(shards, None)
-        if shard is None or (shard.keys_digest and shard_digest(keys[:n]) != shard.keys_digest):
+        if shard is None or (shard.keys_digest and shard_digest(keys) != shard.keys_digest):
             raise changed(plan.url, "it holds other rows than were planned" if shard else "it holds more rows than were planned")
-        head = (shard, rows[:n], carried.slice(0, n), keys[:n])
-        rest = (rows[n:], carried.slice(n), keys[n:])
-        pending, buffered = ([rest] if rest[0] else []), len(rest[0])
-        return head
+        pending, buffered = rest, buffered - n
+        return shard, [r for part in head for r in part[0]], pa.concat_tables([part[1] for part in head]), keys
 
     chunk_rows = min(plan.rows_per_shard, SCAN_ROWS)
     for start, chunk, rows, keys, bad in _resolved_chunks(pf, plan.url, defaults, size_multiple, plan.identity, chunk_rows):
@@ -795,10 +833,8 @@ def iter_shard_rows(
         rows = [r for r, t in zip(rows, todo) if t]
         if not rows:
             continue
-        carried = chunk.select(list(plan.carried_columns))
-        if len(rows) < chunk.num_rows:  # a copy only where rows are left out; wide carried columns are costly
-            carried = carried.take([r.position - start for r in rows])
-        pending.append((rows, carried, keys[todo]))
+        offsets = np.fromiter((r.position - start for r in rows), dtype=np.int64, count=len(rows))
+        pending.append((rows, chunk.select(list(plan.carried_columns)), offsets, keys[todo]))
         buffered += len(rows)
         while buffered >= plan.rows_per_shard:
             yield flush(plan.rows_per_shard)
@@ -806,6 +842,14 @@ def iter_shard_rows(
         yield flush(buffered)
     if next(shards, None) is not None:
         raise changed(plan.url, "it holds fewer rows than were planned")
+
+
+def _take(table: pa.Table, offsets: np.ndarray) -> pa.Table:
+    """`table`'s rows at `offsets`: a slice, without a copy, where they are consecutive (every row of a chunk making
+    one image, none done yet), else a copy."""
+    if len(offsets) and offsets[-1] - offsets[0] == len(offsets) - 1 and bool((np.diff(offsets) == 1).all()):
+        return table.slice(int(offsets[0]), len(offsets))
+    return table.take(pa.array(offsets))
 
 
 plan_prompt_table_task = task(plan_prompt_table, name="plan-prompt-table", cache_policy=NO_CACHE, persist_result=False)

@@ -64,6 +64,7 @@ def build_manifest(
             "seed": defaults.seed,
             "guidance_rescale": defaults.guidance_rescale,
             "clip_skip": defaults.clip_skip,
+            "images_per_prompt": defaults.images,  # rows without an `images` value make this many
             "model": info.ref,
             "family": info.family,
             "vae": info.vae,
@@ -80,8 +81,10 @@ def build_manifest(
             "loras": [{"name": x.name, "sha256": x.sha256, "weight": x.weight} for x in defaults.loras or ()],
         },
         "versions": software_versions(),
+        # Counts of output rows (one per image) except `table` and `invalid`, which count the prompt table's rows.
         "rows": {
             "table": plan.num_rows,
+            "images": plan.already_done + plan.rows_to_generate,  # what the table's valid rows make, done or to do
             "in_dataset": committed.rows,
             "generated": sum(m["rows"] for m in written),
             "already_done": plan.already_done,

@@ -140,15 +140,15 @@ def encode_image(pixels: np.ndarray, parameters: str, image: ImageFormat = Image
 def encode_images(
     images, rows: list[Row], scheduler: str, model: str, version: str, image: ImageFormat = ImageFormat(),
     embeddings: tuple[tuple[str, str], ...] = (),
-) -> dict[int, bytes]:
-    """Encoded images (encode_image) for a batch of images (B, H, W, 3) uint8, keyed by row position; `embeddings`
+) -> dict[tuple[int, int], bytes]:
+    """Encoded images (encode_image) for a batch of images (B, H, W, 3) uint8, keyed by Row.slot; `embeddings`
     as infotext takes them."""
     pixels = np.asarray(images)
     encoded = {}
     for i, row in enumerate(rows):
         parameters = infotext(row, scheduler, model, version, embeddings)
         try:
-            encoded[row.position] = encode_image(pixels[i], parameters, image)
+            encoded[row.slot] = encode_image(pixels[i], parameters, image)
         except ValueError as e:
             if image.name != "jpeg" or "EXIF" not in str(e):
                 raise
@@ -232,18 +232,21 @@ def huggingface_metadata(schema: pa.Schema) -> dict[bytes, bytes]:
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
-def shard_table(rows: list[Row], encoded: dict[int, bytes], carried: pa.Table, scheduler: str, model: str) -> pa.Table:
+def shard_table(rows: list[Row], encoded: dict[tuple[int, int], bytes], carried: pa.Table, scheduler: str, model: str) -> pa.Table:
     """The output rows of one shard, in prompt-table order: image, parameters, then carried columns.
 
     An image's `path` stays None: `datasets` decodes `bytes` with PIL, which reads the format from the bytes.
+    `image_index` follows `id` in every row, 0 for a row's only image, so every shard has the same columns.
     """
-    images = pa.array([{"bytes": encoded[r.position], "path": None} for r in rows], type=IMAGE_TYPE)
+    images = pa.array([{"bytes": encoded[r.slot], "path": None} for r in rows], type=IMAGE_TYPE)
     columns = {"image": images}
     for column in COLUMNS:
         values = [getattr(r, column.name) for r in rows]
-        if column.neutral is not None or any(v is not None for v in values):  # a family's own columns, for its rows
+        if column.stored and (column.neutral is not None or any(v is not None for v in values)):  # a family's own, for its rows
             written = [column.written_value(v) for v in values] if column.written_value else values
             columns[column.name] = pa.array(written, column.written)
+        if column.name == "id":
+            columns["image_index"] = pa.array([r.image_index for r in rows], pa.int32())
     columns["scheduler"] = pa.array([scheduler] * len(rows), pa.string())
     columns["model"] = pa.array([model] * len(rows), pa.string())
     for field in carried.schema:  # as the table holds them, where every reader can load that (loadable_type)
@@ -378,8 +381,9 @@ def foreign_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 
 
 # The dataset format this version writes. 2: row keys name the model by its content and cover guidance_rescale
-# (which is a column), data files are per attempt. 3: clip_skip, a column and in the keys. A dataset of another
-# format is not extended: its rows' keys would never match and its shards' columns would differ from the new ones.
+# (which is a column), data files are per attempt. 3: clip_skip, a column and in the keys; every row has an
+# image_index (a row may make many images), which enters its key; a run with LoRA has a loras column. A dataset of
+# another format is not extended: its rows' keys would never match and its shards' columns would differ.
 DATASET_FORMAT = "sdflow-dataset/3"
 
 
@@ -392,7 +396,9 @@ def check_format(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
     if found != DATASET_FORMAT:
         raise StorageError(
             f"output {url} is a dataset of format {found}, written by another sdflow version; this one writes "
-            f"{DATASET_FORMAT} (other row keys and columns), so it cannot extend it: write to a new location."
+            f"{DATASET_FORMAT} (other row keys and columns: since format 3 each row has an image_index, which its "
+            "key includes), so it cannot extend it, and shards of both would not load as one dataset: write to a new "
+            "location. The old dataset stays readable as it is."
         )
 
 

@@ -56,12 +56,12 @@ class Stages:
     decode_latents: Callable = decode_latents
 
 
-def generate_batch(components, scheduler: str | None, rows: list[Row], failed: dict[int, str], stages: Stages = Stages()):
+def generate_batch(components, scheduler: str | None, rows: list[Row], failed: dict[tuple[int, int], str], stages: Stages = Stages()):
     """Run one batch (rows of one size and step count) through the stages; yields (rows, images) for the rows that came out.
 
     Images are (B, H, W, 3) uint8 on the CPU. Out of memory halves the batch and tries again, down to one row.
     Any other error isolates the rows: each is tried again alone, from fresh generators seeded as before (so a
-    retry never changes an image), and a row that still fails is recorded in `failed` (position -> error) and
+    retry never changes an image), and a row that still fails is recorded in `failed` (Row.slot -> error) and
     left out, so the rest of the run goes on (the caller reports it). Input errors stop the run.
     """
     use_loras(components, rows[0].loras)  # a batch shares its LoRA set (Row.shape_key); a no-op when it is active
@@ -78,7 +78,7 @@ def generate_batch(components, scheduler: str | None, rows: list[Row], failed: d
         if interrupt := interrupt_behind(e):
             raise interrupt  # a stop signal, not the rows: Prefect failed while handling it (e.g. "Task run is not set")
         if len(rows) == 1:
-            failed[rows[0].position] = f"{type(e).__name__}: {e}"
+            failed[rows[0].slot] = f"{type(e).__name__}: {e}"
             return
         if isinstance(e, torch.OutOfMemoryError):
             half = len(rows) // 2
@@ -90,13 +90,13 @@ def generate_batch(components, scheduler: str | None, rows: list[Row], failed: d
             yield from generate_batch(components, scheduler, part, failed, stages)
         return
     for i in decoded.non_finite:
-        failed[rows[i].position] = "non-finite values after VAE decode, also in float32"
+        failed[rows[i].slot] = "non-finite values after VAE decode, also in float32"
     keep = [i for i in range(len(rows)) if i not in decoded.non_finite]
     if keep:
         yield [rows[i] for i in keep], decoded.images[keep]
 
 
-def check_not_the_runs_failure(tried: list[Row], failed: dict[int, str]) -> None:
+def check_not_the_runs_failure(tried: list[Row], failed: dict[tuple[int, int], str]) -> None:
     """Raise RunError when the rows tried so far (every one failed, none came out) failed with the same error type.
 
     Row isolation is for rows that fail among rows that succeed. When the first rows all fail the same way, the
@@ -104,7 +104,7 @@ def check_not_the_runs_failure(tried: list[Row], failed: dict[int, str]) -> None
     with no images and exit code 0, so it stops here instead. Two rows at least, so a first batch of one bad row
     does not stop it.
     """
-    errors = [failed[r.position] for r in tried]
+    errors = [failed[r.slot] for r in tried]
     kinds = {error.split(":", 1)[0] for error in errors}
     # Out of memory even alone is the rows' size, not the run's: those rows are recorded and the run goes on.
     if len(errors) < 2 or len(kinds) > 1 or kinds == {"OutOfMemoryError"}:
@@ -150,7 +150,7 @@ def generate_shard_images(
     stages: Stages = Stages(),
     progress: RunProgress | None = None,
     shard: int | None = None,
-) -> tuple[list, dict[int, str]]:
+) -> tuple[list, dict[tuple[int, int], str]]:
     """Generate one shard's rows batch by batch; returns its encoded-image futures (one per batch) and its failed rows.
 
     `encode_images(rows, images)` starts a batch's image encoding and returns a future; that encoding overlaps the
@@ -163,7 +163,7 @@ def generate_shard_images(
     """
     progress = progress or RunProgress()
     futures = []
-    failed: dict[int, str] = {}
+    failed: dict[tuple[int, int], str] = {}
     tried: list[Row] | None = None if progress.produced else []  # the rows tried before any came out
     batches = make_batches(rows, run.batch_size, lambda r: batch_key(components, r), active_set(components))
     for number, batch in enumerate(batches):
@@ -178,8 +178,8 @@ def generate_shard_images(
                 else:
                     check_not_the_runs_failure(tried, failed)
             for row in batch:
-                if row.position in failed:
-                    log.warning("row %r failed: %s", row.id, failed[row.position])
+                if row.slot in failed:
+                    log.warning("row %r failed: %s", row.id, failed[row.slot])
             for done, images in outputs:
                 while len(encoding) >= run.batches_in_flight:
                     encoding.popleft().wait()

@@ -13,9 +13,9 @@ from nodes.pipeline.batch import generate_batch
 def generate(components, rows: list[Row], scheduler: str | None) -> np.ndarray:
     """One batch through the engine the flows run (nodes.pipeline.batch), stages called directly: (B, H, W, 3) uint8."""
     failed: dict[int, str] = {}
-    images = {r.position: image for done, batch in generate_batch(components, scheduler, rows, failed) for r, image in zip(done, batch)}
+    images = {r.slot: image for done, batch in generate_batch(components, scheduler, rows, failed) for r, image in zip(done, batch)}
     assert not failed, failed
-    return np.stack([images[r.position].numpy() for r in rows])
+    return np.stack([images[r.slot].numpy() for r in rows])
 
 
 def diffusers_pipeline(cls, path: str, **options):

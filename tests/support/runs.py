@@ -17,12 +17,21 @@ RESUME_ROWS = [{"id": f"r{i}", "prompt": f"a {['red', 'blue', 'green'][i % 3]} s
 RESUME_RUN = {"batch_size": 2, "shard_size": 3, "steps": 2, "scheduler": "euler_a"}
 
 
-def images_by_id(out: Path) -> dict[str, np.ndarray]:
+def images_by_image(out: Path) -> dict[tuple[str, int], np.ndarray]:
+    """The dataset's images by (id, image_index), which is unique in it; a row twice is an error, never overwritten."""
     table = pq.read_table(out / "data")
-    return {
-        row_id: np.asarray(Image.open(io.BytesIO(image["bytes"])))
-        for row_id, image in zip(table.column("id").to_pylist(), table.column("image").to_pylist())
-    }
+    images = {}
+    for row_id, index, image in zip(*(table.column(c).to_pylist() for c in ("id", "image_index", "image"))):
+        assert (row_id, index) not in images, f"image {index} of row {row_id!r} is in the dataset twice"
+        images[row_id, index] = np.asarray(Image.open(io.BytesIO(image["bytes"])))
+    return images
+
+
+def images_by_id(out: Path) -> dict[str, np.ndarray]:
+    """The images of a dataset of one image per row, by id."""
+    images = images_by_image(out)
+    assert all(index == 0 for _, index in images), "rows with several images: use images_by_image"
+    return {row_id: pixels for (row_id, _), pixels in images.items()}
 
 
 def assert_consistent(out: Path) -> dict:
@@ -60,15 +69,16 @@ def assert_index_exact(out: Path, index: Path) -> None:
     assert rows == [len(markers[s]) for s in shards]
 
 
-def run_killable(prefect_api: str, tiny_model: str, prompts: str, out: Path, crash: str | None = None):
-    """`sdflow generate` of the resume table as a subprocess, killed with SIGKILL at `crash` (nodes.faults) if given."""
+def run_killable(prefect_api: str, tiny_model: str, prompts: str, out: Path, crash: str | None = None, *options: str):
+    """`sdflow generate` of the resume table as a subprocess, killed with SIGKILL at `crash` (nodes.faults) if given;
+    `options` follow the resume run's."""
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     env.pop("SDFLOW_CRASH_AT", None)
     if crash:
         env["SDFLOW_CRASH_AT"] = crash
     args = [f"--{k.replace('_', '-')}={v}" for k, v in RESUME_RUN.items() if k != "steps"] + [f"--steps={RESUME_RUN['steps']}"]
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "generate", prompts, str(out), "--model", tiny_model, *args],
+        [sys.executable, "-m", "flows.cli", "generate", prompts, str(out), "--model", tiny_model, *args, *options],
         env=env, capture_output=True, text=True, timeout=300,
     )
 
