@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from nodes.dataset.commit import shard_failures, write_shard_task
 from nodes.dataset.ingest import PromptPlan, iter_shard_rows
 from nodes.dataset.manifest import package_version, software_versions
-from nodes.dataset.store import encode_images_task
+from nodes.dataset.store import encode_images_task, model_fields
 from nodes.params import GenerationDefaults, RunConfig
 from nodes.pipeline.adapters import adapter_counts
 from nodes.pipeline.batch import CURRENT_BATCH, RunProgress, Stages, generate_shard_images
@@ -45,7 +45,7 @@ def image_encoder(components, run: RunConfig):
     """The engine's `encode_images`: submits a batch's encoding in the run's image format (with its infotext) as a
     task, in the thread pool, so that it overlaps the next batch; returns its future."""
     release = package_version("sdflow")
-    model = components.info.ref
+    model = model_fields(components.info)
     embeddings = tuple((e.token, e.short_hash) for e in components.info.embeddings)  # for the infotext's TI hashes
     return lambda rows, images: ENCODE_IMAGES.submit(images, rows, run.sampler, model, release, run.image, embeddings)
 

@@ -7,12 +7,15 @@ The configs sdflow ships for the real families are checked against the real arch
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from nodes.dataset.store import image_parameters, infotext, model_fields
 from nodes.errors import ModelError
 from nodes.params import Row
 from nodes.pipeline.checkpoint import checkpoint_kind, shipped_config
@@ -129,8 +132,24 @@ def test_sdflow_generate_runs_a_single_file_offline(held, prefect_api, tmp_path,
     assert manifest["rows"]["generated"] == len(ROWS)
     assert manifest["resolved"]["model_fingerprint"] == inspect_model(file, checkpoint_config=folder).fingerprint
     assert manifest["resolved"]["checkpoint"] == file
+    # The infotext names the file as A1111 and Civitai do: the first 10 hex digits of its sha256.
+    parameters = image_parameters(pq.read_table(tmp_path / "out" / "data").column("image")[0]["bytes"].as_py())
+    assert f"Model hash: {hashlib.sha256(Path(file).read_bytes()).hexdigest()[:10]}, Model: {file}," in parameters
     code, err = run_cli(capsys, table, str(tmp_path / "v"), "--model", held["sd2"][1], "--model-config", held["sd2"][0])
     assert_clean_failure(code, err, tmp_path / "v", "--prediction-type")
+
+
+def test_the_infotext_names_the_model_and_the_vae_by_their_hashes(held, tmp_path):
+    from safetensors.torch import save_file
+
+    folder, file = held["sd1"]
+    vae = tmp_path / "vae-ft-mse.safetensors"
+    save_file(build_toy_pipeline(ToyModelConfig(seed=4)).vae.state_dict(), str(vae))
+    digest = hashlib.sha256(vae.read_bytes()).hexdigest()[:10]
+    info = inspect_model(folder, vae=str(vae))
+    assert model_fields(info) == (("Model hash", info.fingerprint[:10]), ("Model", folder), ("VAE hash", digest), ("VAE", vae.name))
+    assert "Model hash: " + info.fingerprint[:10] in infotext(ROWS[0], "euler", model_fields(info), "1")
+    assert model_fields(inspect_model(folder)) == (("Model hash", inspect_model(folder).fingerprint[:10]), ("Model", folder))
 
 
 def test_a_single_file_on_s3_is_copied_once_and_is_the_same_model(held, s3):

@@ -72,6 +72,7 @@ def build_manifest(
             "checkpoint_config": info.source if info.checkpoint else None,
             "embeddings": [e.record() for e in info.embeddings],
             "model_fingerprint": info.fingerprint,
+            "model_hash": info.model_hash,  # the infotext's: a single file's sha256, 10 hex digits (A1111's, Civitai's)
             "device": device,
             "dtype": dtype,
             "image_format": image.name,

@@ -62,9 +62,21 @@ def _prompt_line(text: str) -> str:
     return text if plain else _json_string(text)
 
 
-def infotext(row: Row, scheduler: str, model: str, version: str, embeddings: tuple[tuple[str, str], ...] = ()) -> str:
+def model_fields(info) -> tuple[tuple[str, str], ...]:
+    """A model (nodes.pipeline.components.ModelInfo) as A1111's infotext names it: its hash and name, and the VAE's."""
+    fields = (("Model hash", info.model_hash), ("Model", info.ref))
+    if info.vae:
+        fields += (("VAE hash", info.vae_hash),) if info.vae_hash else ()
+        fields += (("VAE", os.path.basename(info.vae.rstrip("/"))),)
+    return fields
+
+
+def infotext(
+    row: Row, scheduler: str, model: str | tuple[tuple[str, str], ...], version: str, embeddings: tuple[tuple[str, str], ...] = ()
+) -> str:
     """The row's generation parameters in AUTOMATIC1111's "parameters" format: prompt, negative prompt, settings,
-    one line each (see _prompt_line). `embeddings`: the run's textual inversions as (token, short hash)."""
+    one line each (see _prompt_line). `model`: its name, or its fields (model_fields); `embeddings`: the run's
+    textual inversions as (token, short hash)."""
     known = SAMPLERS.get(scheduler)
     fields = [("Steps", row.steps), ("Sampler", known.a1111 if known else scheduler)]
     if known and known.schedule:
@@ -73,7 +85,7 @@ def infotext(row: Row, scheduler: str, model: str, version: str, embeddings: tup
         ("CFG scale", f"{row.guidance_scale:g}"),
         ("Seed", row.seed),
         ("Size", f"{row.width}x{row.height}"),
-        ("Model", model),
+        *((("Model", model),) if isinstance(model, str) else model),
     ]
     if row.loras:  # as A1111 records the LoRAs of a prompt: "name: short hash, ..." (its names without : and ,)
         names = [lora.name.replace(":", "").replace(",", "") for lora in row.loras]
@@ -138,7 +150,7 @@ def encode_image(pixels: np.ndarray, parameters: str, image: ImageFormat = Image
 
 
 def encode_images(
-    images, rows: list[Row], scheduler: str, model: str, version: str, image: ImageFormat = ImageFormat(),
+    images, rows: list[Row], scheduler: str, model: str | tuple[tuple[str, str], ...], version: str, image: ImageFormat = ImageFormat(),
     embeddings: tuple[tuple[str, str], ...] = (),
 ) -> dict[tuple[int, int], bytes]:
     """Encoded images (encode_image) for a batch of images (B, H, W, 3) uint8, keyed by Row.slot; `embeddings`

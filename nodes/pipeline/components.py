@@ -66,6 +66,8 @@ class ModelInfo:
     force_zeros_for_empty_prompt: bool = False  # the pipeline's config: an empty negative prompt is zeros (SDXL)
     vae: str | None = None  # a separate VAE (folder or single file) in place of the model's own; in the fingerprint
     checkpoint: str | None = None  # a single-file checkpoint holding the weights; `source` is then its configs' folder
+    model_hash: str = ""  # infotext's "Model hash": a single file's sha256 (10 hex, A1111's and Civitai's), else the fingerprint's
+    vae_hash: str = ""  # infotext's "VAE hash": a separate VAE file's sha256 (10 hex); "" for a folder or none
     embeddings: tuple[Embedding, ...] = ()  # textual inversion (--embedding), added at load; in the fingerprint (with_embeddings)
 
 
@@ -382,6 +384,11 @@ def _hash_files(digest, paths: list[tuple[str, Path]]) -> list[str]:
     return hashes
 
 
+def file_sha256(path: Path) -> str:
+    """A file's sha256 (hex), from the hash cache where it is current."""
+    return _hash_files(hashlib.sha256(), [("", path)])[0]
+
+
 def _sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -450,11 +457,12 @@ def inspect_model(
         defaults = _read_json(source, local, "sdflow.json")
     sample = unet["sample_size"]
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    fingerprint = with_file(with_file(model_fingerprint(local, family, source, configs), "checkpoint", checkpoint), "vae", vae_path)
     return ModelInfo(
         ref=ref,
         source=source,
         family=family.name,
-        fingerprint=with_file(with_file(model_fingerprint(local, family, source, configs), "checkpoint", checkpoint), "vae", vae_path),
+        fingerprint=fingerprint,
         vae_scale_factor=vae_scale,
         # diffusers' pipelines require multiples of 8; the VAE needs its own factor too.
         size_multiple=max(8, vae_scale),
@@ -468,6 +476,8 @@ def inspect_model(
         force_zeros_for_empty_prompt=bool(configs["model_index.json"].get("force_zeros_for_empty_prompt", family.name == "sdxl")),
         vae=None if vae_path is None else str(vae_path),
         checkpoint=None if checkpoint is None else str(checkpoint),
+        model_hash=file_sha256(checkpoint)[:10] if checkpoint else fingerprint[:10],
+        vae_hash=file_sha256(vae_path)[:10] if vae_path is not None and vae_path.is_file() else "",
     )
 
 
