@@ -11,8 +11,9 @@ import pytest
 
 from tests.support.tables import write_table
 
-LONG = "a red circle " + "and a blue square " * 20  # over CLIP's 77 tokens: a row warning, cheaply
-ROWS = [{"id": "first", "prompt": "a red circle"}, {"id": "long", "prompt": LONG}, {"id": "third", "prompt": "a blue square"}]
+OPEN = "a red circle (and a blue square"  # a bracket never closed: a row warning, cheaply
+ROWS = [{"id": "first", "prompt": "a red circle"}, {"id": "open", "prompt": OPEN}, {"id": "third", "prompt": "a blue square"}]
+WARNING = "row 'open': prompt has 1 unclosed bracket(s), which weight the rest of it, as in AUTOMATIC1111; close them, or write \\( and \\[ for the characters"
 STAGES = ("encode-prompts", "prepare-latents", "denoise", "decode-latents", "encode-images")
 
 
@@ -53,7 +54,7 @@ def test_console_stays_quiet_while_sdflows_messages_reach_the_runs_logs(quiet_ru
     # The console: the row's warning and the summary, nothing of Prefect's.
     lines = stderr.splitlines()
     assert len(lines) == 2, stderr
-    assert lines[0] == "sdflow: WARNING: row 'long': prompt is longer than 77 tokens and was truncated"
+    assert lines[0] == f"sdflow: WARNING: {WARNING}"
     assert lines[1].startswith("sdflow: wrote 3 images in 2 shard(s) to "), stderr
 
     where = lambda log: task_names.get(log.task_run_id, "flow run")  # noqa: E731
@@ -63,7 +64,7 @@ def test_console_stays_quiet_while_sdflows_messages_reach_the_runs_logs(quiet_ru
     assert len(loaded) == 1 and loaded[0][0].startswith("load-model") and loaded[0][2] == 20, records
     warned = [r for r in records if r[1] == "sdflow" and r[2] == 30]
     assert warned == [
-        ("encode-prompts-shard-00000-batch-01", "sdflow", 30, "row 'long': prompt is longer than 77 tokens and was truncated")
+        ("encode-prompts-shard-00000-batch-01", "sdflow", 30, WARNING)
     ], records
     # The summary, in the flow run itself, just before Prefect's last word on it.
     flow_records = [r[3] for r in records if r[0] == "flow run"]

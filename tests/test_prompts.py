@@ -6,6 +6,8 @@ one and weighted by hand; prompts without syntax, and clip skip, to diffusers' o
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,7 @@ from nodes.params import Row
 from nodes.pipeline.batch import make_batches
 from nodes.pipeline.components import inspect_model, load_components
 from nodes.pipeline.encode import batch_key, encode_prompts, uses_guidance
-from nodes.pipeline.prompts import chunk_input_ids, parse_prompt_attention, prompt_chunks
+from nodes.pipeline.prompts import chunk_input_ids, parse_prompt_attention, prompt_chunks, unclosed_brackets
 from nodes.shapes.builders import TOY_WORDS, toy_tokenizer_files
 from tests.support.reference import diffusers_pipeline, generate, max_level_difference
 from tests.support.tables import write_table
@@ -91,6 +93,20 @@ def test_parsing_gives_a1111s_documented_results(text, parsed):
 )
 def test_brackets_escapes_and_break(text, parsed):
     assert parse_prompt_attention(text) == parsed
+
+
+def test_unclosed_brackets_are_counted_and_warned_with_the_row(sd, caplog):
+    assert [unclosed_brackets(t) for t in ("(a [b", "(a) [b]", "a) b]", "\\(a", "((a:1.2)")] == [2, 0, 0, 0, 1]
+    log = logging.getLogger("sdflow")
+    log.addHandler(caplog.handler)  # the CLI's in-process runs stop sdflow's records reaching the root logger
+    try:
+        with caplog.at_level(logging.WARNING, logger="sdflow"):
+            encode_prompts(sd, [row("a (red circle", "[blurry", position=0), row("a blue) square", "x", position=1)])
+    finally:
+        log.removeHandler(caplog.handler)
+    assert list(dict.fromkeys(r.getMessage().split(",")[0] for r in caplog.records)) == [
+        "row 'r0': prompt has 1 unclosed bracket(s)", "row 'r0': negative prompt has 1 unclosed bracket(s)"
+    ]
 
 
 # ------------------------------------------------------------------ chunks of 75 tokens

@@ -7,6 +7,7 @@ without emphasis syntax goes through exactly the tokenizer call diffusers makes,
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -19,8 +20,10 @@ from nodes.pipeline.adapters import without_lora_tags
 from nodes.pipeline.components import Components
 from nodes.pipeline.embeddings import expand_tokens
 from nodes.pipeline.family import TextEncoder
-from nodes.pipeline.prompts import Chunk, chunk_input_ids, empty_chunk, has_syntax, prompt_chunks
+from nodes.pipeline.prompts import Chunk, chunk_input_ids, empty_chunk, has_syntax, prompt_chunks, unclosed_brackets
 from nodes.params import Row
+
+log = logging.getLogger("sdflow")
 
 
 @dataclass
@@ -174,6 +177,19 @@ def _encode_all(components: Components, texts: list[str], count: int, clip_skips
     return embeds, pooled
 
 
+def warn_unclosed(rows: list[Row]) -> None:
+    """A warning naming the row for each prompt or negative prompt with a bracket never closed: A1111 weights the
+    rest of the text by it, which a pasted prompt rarely means."""
+    for r in rows:
+        for which in ("prompt", "negative_prompt"):
+            text = getattr(r, which)
+            if has_syntax(text) and (n := unclosed_brackets(text)):
+                log.warning(
+                    "row %r: %s has %d unclosed bracket(s), which weight the rest of it, as in AUTOMATIC1111; "
+                    "close them, or write \\( and \\[ for the characters", r.id, which.replace("_", " "), n,
+                )
+
+
 @torch.inference_mode()
 def encode_prompts(components: Components, rows: list[Row]) -> PromptEmbeds:
     """Encode a batch's prompts and, where any row uses guidance, its negative prompts ("" if none).
@@ -185,6 +201,7 @@ def encode_prompts(components: Components, rows: list[Row]) -> PromptEmbeds:
     if len(counts) != 1:
         raise ValueError(f"rows of different prompt chunk counts {sorted(counts)} in one batch (see batch_key)")
     count, skips = counts.pop(), [r.clip_skip for r in rows]
+    warn_unclosed(rows)
     embeds, pooled = _encode_all(components, [without_lora_tags(r.prompt) for r in rows], count, skips)
     negative = negative_pooled = None
     if any(uses_guidance(r.guidance_scale) for r in rows):

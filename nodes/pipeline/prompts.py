@@ -57,6 +57,16 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float] | None]:
     >>> parse_prompt_attention("an (important) word")
     [('an ', 1.0), ('important', 1.1), (' word', 1.0)]
     """
+    return _parse(text)[0]
+
+
+def unclosed_brackets(text: str) -> int:
+    """How many `(` and `[` of `text` are never closed: each weights the rest of the text, often by mistake."""
+    return _parse(text)[1]
+
+
+def _parse(text: str) -> tuple[list[tuple[str, float] | None], int]:
+    """parse_prompt_attention's result, and the number of brackets left open."""
     parts: list[list] = []  # [fragment, weight], or [None, None] for BREAK
     open_round: list[int] = []  # where each open bracket's span starts in `parts`
     open_square: list[int] = []
@@ -100,7 +110,7 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float] | None]:
             merged[-1] = (merged[-1][0] + fragment, weight)
         else:
             merged.append((fragment, weight))
-    return merged or [("", 1.0)]
+    return merged or [("", 1.0)], len(open_round) + len(open_square)
 
 
 def _is_number(text: str) -> bool:
