@@ -13,8 +13,8 @@ photograph's does.
 
 Prints, per size and format: images/s sustained (wall clock), and CPU seconds per image of each stage, as
 time.thread_time() in the thread that ran it (torch runs on one thread here, so a stage's thread is all its CPU).
-CPU figures hold on a busy machine; wall-clock figures do not. Then encode throughput with 1 and 2 threads: if
-two threads use more than one core's worth of CPU between them, Pillow released the GIL while compressing.
+CPU figures hold on a busy machine; wall-clock figures do not. Then encode throughput with 1 and 2 threads (wall
+clock), and whether Pillow releases the GIL while it compresses (a ratio of CPU times, beside two controls).
 A script, not a test.
 """
 
@@ -26,6 +26,7 @@ import statistics
 import tempfile
 import threading
 import time
+import zlib
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -174,6 +175,45 @@ def encode_scaling(size: int, fmt: str, count: int, threads: int) -> tuple[float
     return count / wall, (time.process_time() - cpu_started) / wall
 
 
+def python_share(work, repeats: int) -> float:
+    """CPU seconds a pure-Python thread gets per CPU second of `work` running beside it in another thread.
+
+    A ratio of CPU times, so it holds on a busy machine: about 1 when `work` releases the GIL (both threads run
+    whenever the OS gives them a core), well under 1 when it holds it (the Python thread waits for it)."""
+    done, cpu = threading.Event(), {}
+
+    def run():
+        started = time.thread_time()
+        for _ in range(repeats):
+            work()
+        cpu["work"] = time.thread_time() - started
+        done.set()
+
+    thread = threading.Thread(target=run)
+    started = time.thread_time()
+    thread.start()
+    while not done.is_set():
+        pass
+    spinner = time.thread_time() - started
+    thread.join()
+    return spinner / cpu["work"]
+
+
+def gil_check(sizes: list[int], formats: list[str]) -> None:
+    data, block = os.urandom(1 << 20) * 64, os.urandom(1 << 22)
+    print("\nGIL: CPU s a pure-Python thread gets per CPU s of the work beside it (about 1: GIL released; well under 1: held)")
+    print(f"| work | ratio |\n|---|---|\n| control, holds the GIL: bytes.count over 64 MB | {python_share(lambda: data.count(b'xyz'), 10):.2f} |")
+    print(f"| control, releases the GIL: zlib.compress of 4 MB | {python_share(lambda: zlib.compress(block, 6), 10):.2f} |")
+    row = Row(0, 0, PROMPT, NEGATIVE, 1, 30, 7.0, 512, 512)
+    text = infotext(row, "ddim", "null", "0")
+    for size in sizes:
+        pixels = photo_like(size)
+        for fmt in formats:
+            image = image_format(*FORMATS[fmt])
+            repeats = 40 if image.name == "jpeg" else 4
+            print(f"| encode_image {fmt} {size}x{size} | {python_share(lambda: encode_image(pixels, text, image), repeats):.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=64, help="images at 512x512; a quarter as many at 1024x1024")
@@ -219,6 +259,7 @@ def main() -> None:
                     r1, r2 = statistics.median(x[0] for x in one), statistics.median(x[0] for x in two)
                     u1, u2 = statistics.median(x[1] for x in one), statistics.median(x[1] for x in two)
                     print(f"| {size} | {fmt} | {r1:.1f} | {r2:.1f} | {r2 / r1:.2f} | {u1:.2f} | {u2:.2f} |")
+            gil_check(sizes, formats)
     load = os.getloadavg()
     print(f"\nload average at the end {load[0]:.1f} {load[1]:.1f}")
 
