@@ -20,8 +20,12 @@ log = logging.getLogger("sdflow")
 
 
 def compile_cache_dir() -> str:
-    """Where compiled artefacts live: inductor's cache folder (TORCHINDUCTOR_CACHE_DIR) unless one is set already."""
-    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(cache_root() / "torch-compile")
+    """Where compiled artefacts live, as inductor's cache folder (TORCHINDUCTOR_CACHE_DIR).
+
+    Always under SDFLOW_CACHE: torch sets TORCHINDUCTOR_CACHE_DIR itself (to /tmp/torchinductor_USER) the first
+    time anything asks for the folder, so a value found in the environment may be torch's own default.
+    """
+    return str(cache_root() / "torch-compile")
 
 
 def compile_components(components: Components) -> None:
@@ -32,7 +36,7 @@ def compile_components(components: Components) -> None:
     a dimension seen with a second value (the last, smaller batch of a shard; a batch halved after out of memory;
     another image size) is compiled once more as dynamic, so varying batches cost one more compilation, not one each.
     """
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir()  # inductor reads it when it first needs the folder
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir()  # inductor reads it each time it needs the folder
     torch._inductor.config.fx_graph_cache = True  # the default in torch 2.13; set so that an environment cannot turn it off
     components.unet.compile(dynamic=None)
     components.vae.decoder.compile(dynamic=None)
