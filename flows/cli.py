@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--skip-invalid", action="store_true", help="leave invalid rows out (listed in the manifest) instead of stopping")
     gen.add_argument("--allow-pickle", action="store_true", help="also load pickle checkpoints (.bin); they can run code")
     gen.add_argument("--storage-options", help="JSON fsspec storage options (credentials, endpoint); never logged")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the U-Net and VAE decoder (compiled code cached in SDFLOW_CACHE)")
     gen.add_argument("--pool", help="run shards on the workers serving this pool (`sdflow worker --pool NAME`) instead of here")
 
     judge = commands.add_parser("evaluate", help="score a generated dataset of the shapes domain against its prompts")
@@ -313,6 +314,8 @@ def check_obvious_inputs(args: argparse.Namespace) -> None:
 
             if image_format(args.image_format, args.quality) is None:
                 raise SdflowError(image_format_rule(args.image_format, args.quality))
+        if args.compile and args.pool:
+            raise SdflowError("--compile applies to generation in this process; leave it out with --pool (workers load their own models).")
     model = args.model or ""
     # As the flow reads a model reference: a path when it starts like one or is not of the hub's "org/name" form.
     if model and local(model) and (model.startswith((".", "/", "~", "file://")) or model.count("/") != 1):
@@ -419,6 +422,7 @@ def generate(args: argparse.Namespace, server) -> str:
         loras=args.lora,
         lora_dir=args.lora_dir,
         allow_pickle=args.allow_pickle,
+        torch_compile=args.compile,
         pool=args.pool,
         progress=sys.stderr.isatty() or args.verbose,
         image_format=args.image_format,

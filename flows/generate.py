@@ -161,6 +161,7 @@ def generate_dataset(
     shard_size: int = 256,
     batches_in_flight: int = 2,
     allow_pickle: bool = False,
+    torch_compile: bool = False,
     pool: str | None = None,
     progress: bool = False,
     image_format: str = "png",
@@ -195,7 +196,7 @@ def generate_dataset(
     if plan.shards and pool:
         fan_out(shard_requests(plan, job.defaults, job.info, job.run, parameters), pool, report.committed)
     elif plan.shards:
-        components = load_components_task(job.info, job.device, job.dtype, allow_pickle)
+        components = load_components_task(job.info, job.device, job.dtype, allow_pickle, torch_compile)
         load_seconds, generation_started = components.load_seconds, time.time()
         preloaded = preload_loras(components)  # a LoRA that does not fit the model stops the run before any image
         generate_shards(components, plan, job.defaults, job.run, job.fs, job.root, report.committed)

@@ -12,11 +12,13 @@ sdflow touches only these names (OWN_FILE) under OUT/, and refuses an output tha
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import json
 import os
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import numpy as np
@@ -149,26 +151,42 @@ def encode_image(pixels: np.ndarray, parameters: str, image: ImageFormat = Image
     return buffer.getvalue()
 
 
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as a container or taskset limits it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=1)
+def encoding_pool() -> ThreadPoolExecutor:
+    """One thread per core, shared by every batch in flight. Pillow releases the GIL while zlib, libwebp and libjpeg
+    compress, so these threads encode on all cores at once; a batch's images encoded one after another would keep
+    a batch of 8 on one core while the device waits. Memory stays bounded by the batches in flight."""
+    return ThreadPoolExecutor(max_workers=machine_cores(), thread_name_prefix="sdflow-encode")
+
+
+def _encode_row(pixels: np.ndarray, row: Row, parameters: str, image: ImageFormat) -> bytes:
+    try:
+        return encode_image(pixels, parameters, image)
+    except ValueError as e:
+        if image.name != "jpeg" or "EXIF" not in str(e):
+            raise
+        raise SdflowError(
+            f"row {row.id!r}: its infotext ({len(parameters)} characters) does not fit in a JPEG's EXIF, which "
+            "holds about 32,000 characters of UTF-16 text; shorten its prompts, or use --image-format webp or png."
+        ) from None
+
+
 def encode_images(
     images, rows: list[Row], scheduler: str, model: str | tuple[tuple[str, str], ...], version: str, image: ImageFormat = ImageFormat(),
     embeddings: tuple[tuple[str, str], ...] = (),
 ) -> dict[tuple[int, int], bytes]:
-    """Encoded images (encode_image) for a batch of images (B, H, W, 3) uint8, keyed by Row.slot; `embeddings`
-    as infotext takes them."""
+    """Encoded images (encode_image) for a batch of images (B, H, W, 3) uint8, keyed by Row.slot in row order;
+    `embeddings` as infotext takes them. The images are encoded in parallel on encoding_pool(), and this returns
+    when all are done."""
     pixels = np.asarray(images)
-    encoded = {}
-    for i, row in enumerate(rows):
-        parameters = infotext(row, scheduler, model, version, embeddings)
-        try:
-            encoded[row.slot] = encode_image(pixels[i], parameters, image)
-        except ValueError as e:
-            if image.name != "jpeg" or "EXIF" not in str(e):
-                raise
-            raise SdflowError(
-                f"row {row.id!r}: its infotext ({len(parameters)} characters) does not fit in a JPEG's EXIF, which "
-                "holds about 32,000 characters of UTF-16 text; shorten its prompts, or use --image-format webp or png."
-            ) from None
-    return encoded
+    parameters = [infotext(row, scheduler, model, version, embeddings) for row in rows]
+    encoded = encoding_pool().map(_encode_row, pixels, rows, parameters, [image] * len(rows))
+    return {row.slot: data for row, data in zip(rows, encoded)}
 
 
 def image_parameters(data: bytes) -> str | None:

@@ -559,7 +559,7 @@ def model_loads() -> int:
 
 
 def load_components(
-    info: ModelInfo, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False
+    info: ModelInfo, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False, compile: bool = False
 ) -> Components:
     """Load (once per process) the components of the model's family (tokenizers, text encoders, U-Net, VAE), in eval mode.
 
@@ -567,7 +567,7 @@ def load_components(
     are refused unless `allow_pickle`, and then with a warning.
     """
     # With embeddings (in the fingerprint) it is another copy: they mutate its tokenizers and text encoders.
-    key = (info.source, info.fingerprint, str(device), dtype)  # a folder whose files were replaced is another model
+    key = (info.source, info.fingerprint, str(device), dtype, compile)  # a folder whose files were replaced is another model
     with _load_lock:
         if key in _loaded:
             return _loaded[key]
@@ -603,6 +603,10 @@ def load_components(
         for name in ("unet", "vae"):
             modules[name].to(memory_format=torch.channels_last)
         components = Components(info, modules, device, dtype, time.perf_counter() - started)
+        if compile:  # --compile: nodes.pipeline.compile
+            from nodes.pipeline.compile import compile_components
+
+            compile_components(components)
         _loaded[key] = components
         _load_count[0] += 1
         log.info("loaded %s on %s as %s in %.1f s", info.ref, device, dtype, components.load_seconds)
