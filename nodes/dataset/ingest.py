@@ -514,7 +514,10 @@ class _ColumnResolver:
         rows = np.flatnonzero(~self.bad)
         if column.name == "loras" and self.defaults.loras is None and not in_table:
             prompts = _arrow_column(self.chunk, "prompt")
-            tagged = pc.fill_null(pc.match_substring(prompts, "<lora:"), False).to_numpy(zero_copy_only=False)
+            if pa.types.is_string(prompts.type) or pa.types.is_large_string(prompts.type):
+                tagged = pc.fill_null(pc.match_substring(prompts, "<lora:"), False).to_numpy(zero_copy_only=False)
+            else:  # no text at all (a column of nulls, say): those rows are invalid already
+                tagged = np.zeros(self.n, dtype=bool)
             rows = np.flatnonzero(~self.bad & tagged)
         resolved: dict[int, object] = {}
         newly = np.zeros(self.n, dtype=bool)

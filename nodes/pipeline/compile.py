@@ -14,30 +14,24 @@ import os
 
 import torch
 
-from nodes.pipeline.components import Components, cache_root
 
 log = logging.getLogger("sdflow")
 
 
-def compile_cache_dir() -> str:
-    """Where compiled artefacts live, as inductor's cache folder (TORCHINDUCTOR_CACHE_DIR).
-
-    Always under SDFLOW_CACHE: torch sets TORCHINDUCTOR_CACHE_DIR itself (to /tmp/torchinductor_USER) the first
-    time anything asks for the folder, so a value found in the environment may be torch's own default.
-    """
-    return str(cache_root() / "torch-compile")
-
-
-def compile_components(components: Components) -> None:
+def compile_components(unet: torch.nn.Module, vae: torch.nn.Module, cache: str) -> None:
     """Compile the U-Net and the VAE decoder in place (nn.Module.compile: the modules stay what they were, their
-    calls go through the compiled code), caching what inductor builds in compile_cache_dir().
+    calls go through the compiled code), caching what inductor builds in `cache` (TORCHINDUCTOR_CACHE_DIR).
+
+    The caller passes a folder under SDFLOW_CACHE, always: torch sets TORCHINDUCTOR_CACHE_DIR itself (to
+    /tmp/torchinductor_USER) the first time anything asks for the folder, so a value found in the environment may
+    be torch's own default.
 
     Compilation happens lazily, at the first batch of each shape. Shapes are static at first (the fastest code);
     a dimension seen with a second value (the last, smaller batch of a shard; a batch halved after out of memory;
     another image size) is compiled once more as dynamic, so varying batches cost one more compilation, not one each.
     """
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir()  # inductor reads it each time it needs the folder
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # inductor reads it each time it needs the folder
     torch._inductor.config.fx_graph_cache = True  # the default in torch 2.13; set so that an environment cannot turn it off
-    components.unet.compile(dynamic=None)
-    components.vae.decoder.compile(dynamic=None)
+    unet.compile(dynamic=None)
+    vae.decoder.compile(dynamic=None)
     log.info("compiling the U-Net and VAE decoder at their first batch; cache in %s", os.environ["TORCHINDUCTOR_CACHE_DIR"])

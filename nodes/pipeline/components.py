@@ -606,7 +606,7 @@ def load_components(
         if compile:  # --compile: nodes.pipeline.compile
             from nodes.pipeline.compile import compile_components
 
-            compile_components(components)
+            compile_components(components.unet, components.vae, str(cache_root() / "torch-compile"))
         _loaded[key] = components
         _load_count[0] += 1
         log.info("loaded %s on %s as %s in %.1f s", info.ref, device, dtype, components.load_seconds)
