@@ -44,11 +44,18 @@ def own_server_env(home: Path) -> dict:
     return env
 
 
+def default_stop_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def start_mid_run(tiny_model: str, prompts: str, out: Path, home: Path, err: Path, **popen) -> subprocess.Popen:
-    """The command, returned once its first shard is committed (three more to go)."""
+    """The command, returned once its first shard is committed (three more to go). Its stop signals start at their
+    defaults, as in a terminal: a test runner started in the background (`cmd &`) has SIGINT ignored, which its
+    children inherit, and sdflow keeps an ignored signal ignored (as under nohup)."""
     process = subprocess.Popen(
         command(tiny_model, prompts, out), env=own_server_env(home), stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=err.open("w"), **popen,
+        stdout=subprocess.DEVNULL, stderr=err.open("w"), preexec_fn=default_stop_signals, **popen,
     )
     deadline = time.monotonic() + 300
     while not (out / "_shards").exists():
