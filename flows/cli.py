@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--allow-pickle", action="store_true", help="also load pickle checkpoints (.bin); they can run code")
     gen.add_argument("--storage-options", help="JSON fsspec storage options (credentials, endpoint); never logged")
     gen.add_argument("--compile", action="store_true", help="torch.compile the U-Net and VAE decoder (compiled code cached in SDFLOW_CACHE)")
+    gen.add_argument("--stage-tasks", action="store_true", help="run each stage of each batch as a Prefect task run of its own, for a per-stage timeline in the UI (about 5x the events; default: one task run per batch)")
     gen.add_argument("--pool", help="run shards on the workers serving this pool (`sdflow worker --pool NAME`) instead of here")
 
     judge = commands.add_parser("evaluate", help="score a generated dataset of the shapes domain against its prompts")
@@ -423,6 +424,7 @@ def generate(args: argparse.Namespace, server) -> str:
         lora_dir=args.lora_dir,
         allow_pickle=args.allow_pickle,
         torch_compile=args.compile,
+        stage_tasks=args.stage_tasks,
         pool=args.pool,
         progress=sys.stderr.isatty() or args.verbose,
         image_format=args.image_format,

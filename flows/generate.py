@@ -10,7 +10,6 @@ import torch
 from prefect import flow, get_run_logger
 
 from flows.artifacts import ShardReport, publish_contact_sheet
-from flows.fanout import fan_out, shard_requests, used_shard_indices
 from flows.shards import generate_shards
 from nodes.dataset.commit import Committed, clean_uncommitted, read_committed, write_index
 from nodes.dataset.ingest import PromptPlan, committed_schema, plan_prompt_table_task, resolve_defaults
@@ -63,7 +62,9 @@ def check_inputs(p: dict) -> Job:
     dtype = resolve_dtype(p["dtype"], device)
     fs, root = open_output(p["out"], storage_options)
     check_format(fs, root, p["out"])  # a dataset this version would extend (reading an older one is fine)
-    run = RunConfig(p["scheduler"], sampler, p["batch_size"], p["batches_in_flight"], p["progress"], storage_options, image)
+    run = RunConfig(
+        p["scheduler"], sampler, p["batch_size"], p["batches_in_flight"], p["progress"], storage_options, image, p["stage_tasks"]
+    )
     return Job(info, defaults, run, device, dtype, fs, root, read_committed(fs, root))
 
 
@@ -162,6 +163,7 @@ def generate_dataset(
     batches_in_flight: int = 2,
     allow_pickle: bool = False,
     torch_compile: bool = False,
+    stage_tasks: bool = False,
     pool: str | None = None,
     progress: bool = False,
     image_format: str = "png",
@@ -178,11 +180,15 @@ def generate_dataset(
     (or a name in `lora_dir`, where rows' `loras` and prompt tags find theirs by name). With `pool`, shards run on
     the task workers serving that pool (`sdflow worker --pool NAME`), which write to `out` themselves; without, in this process.
     `embeddings`: textual-inversion files as `PATH[:TOKEN]` (the token defaults to the file's stem).
+    Each batch is a task run; `stage_tasks` makes each of its stages one too (a per-stage timeline in the UI, at
+    about five times the events).
     """
     parameters = {k: v for k, v in locals().items() if k != "progress"}
     started = time.time()
     job = check_inputs({**parameters, "progress": progress})
 
+    if pool:  # only a pool run needs Prefect's task-worker machinery (FastAPI among it: 0.4 s of imports)
+        from flows.fanout import fan_out, shard_requests, used_shard_indices
     first_shard = max(job.committed.next_index, used_shard_indices(pool) if pool else 0)
     plan = plan_prompt_table_task(
         prompts, job.defaults, job.info.size_multiple, shard_size,

@@ -37,6 +37,7 @@ PRIVATE_ENV = ("SDFLOW_STORAGE_OPTIONS",)
 # would end it after a SIGKILL of the CLI.
 WATCH_PARENT = """
 import os, signal, sys, threading, time
+os.nice(10)
 def watch(parent=os.getppid()):
     while os.getppid() == parent:
         time.sleep(0.5)

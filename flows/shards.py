@@ -1,4 +1,4 @@
-"""Shards made in this process: the engine with each stage as a Prefect task, image encoding beside it, commits overlapped."""
+"""Shards made in this process: the engine with each batch a Prefect task run, image encoding beside it, commits overlapped."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ from collections import deque
 
 from tqdm.auto import tqdm
 
-from nodes.dataset.commit import shard_failures, write_shard_task
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from nodes.dataset.commit import shard_failures, write_shard
 from nodes.dataset.ingest import PromptPlan, iter_shard_rows
 from nodes.dataset.manifest import package_version, software_versions
-from nodes.dataset.store import encode_images_task, model_fields
+from nodes.dataset.store import batch_encoder, encode_images, model_fields
+from nodes.errors import TASK_RETRIES
 from nodes.params import GenerationDefaults, RunConfig
 from nodes.pipeline.adapters import adapter_counts
-from nodes.pipeline.batch import CURRENT_BATCH, RunProgress, Stages, generate_shard_images
+from nodes.pipeline.batch import CURRENT_BATCH, RunProgress, Stages, batch_images, generate_shard_images
 from nodes.pipeline.components import model_loads
 from nodes.pipeline.decode import decode_latents_task
 from nodes.pipeline.denoise import denoise_task
@@ -35,19 +39,39 @@ def batch_task(stage_task):
     return stage_task.with_options(task_run_name=run_name)
 
 
-# The engine's stages as task runs: each stage of each batch is visible in Prefect, by shard and batch.
-TASK_STAGES = Stages(*map(batch_task, (encode_prompts_task, prepare_latents_task, denoise_task, decode_latents_task)))
-ENCODE_IMAGES = batch_task(encode_images_task)
-WRITE_SHARD = write_shard_task.with_options(task_run_name="write-shard-{index:05d}")
+# Each batch is a task run, visible in Prefect by shard and batch (generate-batch-shard-00003-batch-02). Its
+# stages run inside it as plain calls: a task run costs its three state events, and the server's work on them
+# took ~10 % of a 2-core machine's time from the U-Net when every stage and each batch's image encoding were
+# task runs of their own (measured: tests/bench/bench_throughput.py, 200 images). `--stage-tasks` asks for them
+# anyway (STAGE_TASKS): each stage of each batch a task run nested in its batch's, for a per-stage timeline.
+BATCH = batch_task(task(batch_images, name="generate-batch", cache_policy=NO_CACHE, persist_result=False))
+STAGE_TASKS = Stages(*map(batch_task, (encode_prompts_task, prepare_latents_task, denoise_task, decode_latents_task)))
+
+
+def stages(run: RunConfig) -> Stages:
+    return STAGE_TASKS if run.stage_tasks else Stages()
 
 
 def image_encoder(components, run: RunConfig):
-    """The engine's `encode_images`: submits a batch's encoding in the run's image format (with its infotext) as a
-    task, in the thread pool, so that it overlaps the next batch; returns its future."""
+    """The engine's `encode_images`: starts a batch's encoding in the run's image format (with its infotext) on the
+    encoding threads, so that it overlaps the next batch; returns its concurrent.futures.Future."""
     release = package_version("sdflow")
     model = model_fields(components.info)
     embeddings = tuple((e.token, e.short_hash) for e in components.info.embeddings)  # for the infotext's TI hashes
-    return lambda rows, images: ENCODE_IMAGES.submit(images, rows, run.sampler, model, release, run.image, embeddings)
+    return lambda rows, images: batch_encoder().submit(
+        encode_images, images, rows, run.sampler, model, release, run.image, embeddings
+    )
+
+
+def write_encoded_shard(fs, root: str, index: int, rows, keys, encoded: list, *args) -> dict:
+    """write_shard once its batches' image encodings (futures) are done: the commit waits for them, the engine does not."""
+    return write_shard(fs, root, index, rows, keys, [e.result() for e in encoded], *args)
+
+
+WRITE_SHARD = task(
+    write_encoded_shard, name="write-shard", task_run_name="write-shard-{index:05d}", cache_policy=NO_CACHE,
+    persist_result=False, **TASK_RETRIES,
+)
 
 
 def worker_id() -> str:
@@ -88,8 +112,8 @@ def generate_shards(
     for shard, rows, carried, keys in iter_shard_rows(plan, defaults, info.size_multiple, run.storage_options):
         started, adapters = time.perf_counter(), adapter_counts()
         encoded, failed = generate_shard_images(
-            components, rows, run, encode_images, encoding, lambda batch, failed: bar.update(len(batch)), stages=TASK_STAGES,
-            progress=progress, shard=shard.index,
+            components, rows, run, encode_images, encoding, lambda batch, failed: bar.update(len(batch)), stages=stages(run),
+            progress=progress, shard=shard.index, run_batch=BATCH,
         )
         failures = shard_failures(rows, keys, failed)
         stats = {**extra, **shard_stats(started, len(rows), adapters)}

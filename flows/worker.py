@@ -25,7 +25,7 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
 from flows.artifacts import status_line
-from flows.shards import TASK_STAGES, image_encoder, marker_extra, shard_stats, worker_id
+from flows.shards import BATCH, image_encoder, marker_extra, shard_stats, stages, worker_id
 from nodes.dataset.commit import read_marker, shard_failures, write_shard
 from nodes.dataset.ingest import Shard
 from nodes.dataset.store import open_output, storage_options_from_env
@@ -108,8 +108,8 @@ def run_shard(request: ShardRequest) -> dict:
         return concurrency(device_limit_name(device), occupy=1, strict=False, lease_duration=DEVICE_LEASE_S)
 
     encoded, failed = generate_shard_images(
-        components, request.rows, run, image_encoder(components, run), deque(), on_batch, device_slot, TASK_STAGES,
-        shard=request.shard.index,
+        components, request.rows, run, image_encoder(components, run), deque(), on_batch, device_slot, stages(run),
+        shard=request.shard.index, run_batch=BATCH,
     )
     extra = {**marker_extra(run, device), **shard_stats(started, total, adapters)}
     rows, keys = request.rows, request.keys

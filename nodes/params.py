@@ -423,3 +423,4 @@ class RunConfig:
     progress: bool  # show a progress bar on stderr
     storage_options: dict = field(hash=False)  # fsspec options; may hold credentials, never logged
     image: ImageFormat = ImageFormat()  # how images are stored; part of each row's key unless PNG
+    stage_tasks: bool = False  # each stage of each batch a Prefect task run of its own (--stage-tasks)

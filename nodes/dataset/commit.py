@@ -38,10 +38,7 @@ import numpy as np
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from nodes.errors import TASK_RETRIES, StorageError
+from nodes.errors import StorageError
 from nodes.faults import crash_point
 from nodes.params import Row
 from nodes.dataset.store import (
@@ -476,7 +473,6 @@ def write_shard(
     return marker
 
 
-write_shard_task = task(write_shard, name="write-shard", cache_policy=NO_CACHE, persist_result=False, **TASK_RETRIES)
 
 
 def shard_failures(rows: list[Row], keys, failed: dict[tuple[int, int], str]) -> list[dict]:

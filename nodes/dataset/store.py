@@ -26,8 +26,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from PIL import ExifTags, Image, PngImagePlugin
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from nodes.errors import SdflowError, StorageError
 from nodes.faults import crash_point
@@ -162,6 +160,14 @@ def encoding_pool() -> ThreadPoolExecutor:
     compress, so these threads encode on all cores at once; a batch's images encoded one after another would keep
     a batch of 8 on one core while the device waits. Memory stays bounded by the batches in flight."""
     return ThreadPoolExecutor(max_workers=machine_cores(), thread_name_prefix="sdflow-encode")
+
+
+@functools.lru_cache(maxsize=1)
+def batch_encoder() -> ThreadPoolExecutor:
+    """Where a batch's encode_images waits for its images (encoded on encoding_pool) while the engine goes on to the
+    next batch: not on the encoding pool itself, whose threads it would hold waiting on their own work. The engine
+    keeps at most `batches_in_flight` batches here."""
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="sdflow-batch-encode")
 
 
 def _encode_row(pixels: np.ndarray, row: Row, parameters: str, image: ImageFormat) -> bytes:
@@ -557,4 +563,3 @@ def decode_images(column: pa.ChunkedArray | pa.Array) -> list[Image.Image]:
     return [Image.open(io.BytesIO(data)) for data in pa.chunked_array([column]).combine_chunks().field("bytes").to_pylist()]
 
 
-encode_images_task = task(encode_images, name="encode-images", cache_policy=NO_CACHE, persist_result=False)

@@ -1,8 +1,9 @@
 """The engine: one batch of rows through the stages in order, and one shard's rows batch by batch.
 
 The stage order lives here and only here: the generation flow, the pool worker and the parity tests all call
-these functions. The stages are plain functions by default; the flows pass their Prefect tasks (`Stages` of
-the `*_task` wrappers), so that each stage of each batch is a task run, without the engine importing Prefect.
+these functions. The stages are plain functions by default, and so is a batch. The flows pass a Prefect task
+for the batch (`run_batch`: one task run per batch) and, when asked for a per-stage timeline (`--stage-tasks`),
+the stages' tasks too (`Stages` of the `*_task` wrappers), without the engine importing Prefect.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections import deque
 from contextlib import nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
+from concurrent.futures import wait as wait_futures
 from typing import Callable
 
 import torch
@@ -96,6 +98,13 @@ def generate_batch(components, scheduler: str | None, rows: list[Row], failed: d
         yield [rows[i] for i in keep], decoded.images[keep]
 
 
+def batch_images(components, scheduler: str | None, rows: list[Row], stages: Stages = Stages()) -> tuple[list, dict]:
+    """generate_batch as a function of its inputs (a task's shape): the (rows, images) that came out, and the rows
+    that failed (Row.slot -> error)."""
+    failed: dict[tuple[int, int], str] = {}
+    return list(generate_batch(components, scheduler, rows, failed, stages)), failed
+
+
 def check_not_the_runs_failure(tried: list[Row], failed: dict[tuple[int, int], str]) -> None:
     """Raise RunError when the rows tried so far (every one failed, none came out) failed with the same error type.
 
@@ -150,16 +159,17 @@ def generate_shard_images(
     stages: Stages = Stages(),
     progress: RunProgress | None = None,
     shard: int | None = None,
+    run_batch: Callable = batch_images,
 ) -> tuple[list, dict[tuple[int, int], str]]:
     """Generate one shard's rows batch by batch; returns its encoded-image futures (one per batch) and its failed rows.
 
-    `encode_images(rows, images)` starts a batch's image encoding and returns a future; that encoding overlaps the
+    `encode_images(rows, images)` starts a batch's image encoding and returns a concurrent.futures.Future; that encoding overlaps the
     next batch's denoising, with at most `run.batches_in_flight` batches waiting in `encoding` (shared across
     shards), so memory stays bounded. `device_slot()` is held while a batch runs on the device (a per-device
     concurrency slot on GPU workers); `on_batch(rows, failed so far)` follows each batch. Until a row of the
     shard (or, given `progress` shared across shards, of the run) comes out, rows failing the same way stop the
     run (check_not_the_runs_failure). While a batch runs, CURRENT_BATCH says which: `shard` (the caller's index for
-    these rows) and the batch's number.
+    these rows) and the batch's number. `run_batch` is batch_images or a task of it (the flows'), called with `stages`.
     """
     progress = progress or RunProgress()
     futures = []
@@ -170,7 +180,8 @@ def generate_shard_images(
         place = CURRENT_BATCH.set(BatchPlace(shard, number))
         try:
             with device_slot():
-                outputs = list(generate_batch(components, run.scheduler, batch, failed, stages))
+                outputs, failures = run_batch(components, run.scheduler, batch, stages)
+            failed.update(failures)
             if tried is not None:
                 tried += batch
                 if outputs:
@@ -182,7 +193,7 @@ def generate_shard_images(
                     log.warning("row %r failed: %s", row.id, failed[row.slot])
             for done, images in outputs:
                 while len(encoding) >= run.batches_in_flight:
-                    encoding.popleft().wait()
+                    wait_futures([encoding.popleft()])
                 encoding.append(encode_images(done, images))
                 futures.append(encoding[-1])
         finally:

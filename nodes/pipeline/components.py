@@ -432,9 +432,9 @@ def inspect_model(
     """
     ref = ref or DEFAULT_MODEL
     local = _local_model_dir(ref, storage_options)
-    checkpoint = None
+    checkpoint = kind = None
     if local is not None and is_checkpoint_file(local):
-        checkpoint, local = local, configs_for_checkpoint(local, ref, prediction_type, checkpoint_config, allow_pickle)
+        checkpoint, (local, kind) = local, configs_for_checkpoint(local, ref, prediction_type, checkpoint_config, allow_pickle)
     elif prediction_type is not None or checkpoint_config is not None:
         raise ModelError(
             f"--prediction-type and --model-config describe a single-file checkpoint; model {ref} is a diffusers "
@@ -446,7 +446,7 @@ def inspect_model(
         raise ModelError(f"model {ref} {what}; --model takes a diffusers folder, a single-file checkpoint or a hub id.")
     configs = {name: _read_json(source, local, name) for name in COMPONENT_FILES}
     family = family_of(configs["model_index.json"], ref)
-    if checkpoint is not None and family.name != kind_family(checkpoint_kind_of(checkpoint, ref, allow_pickle)):
+    if kind is not None and family.name != kind_family(kind):
         raise ModelError(f"model {ref}: --model-config {checkpoint_config} is a {family.title} folder, not the checkpoint's family.")
     unet = configs["unet/config.json"]
     vae_path, vae_config = separate_vae(vae, configs["vae/config.json"])
@@ -481,20 +481,19 @@ def inspect_model(
     )
 
 
-def configs_for_checkpoint(path: Path, ref: str, prediction_type: str | None, checkpoint_config: str | None, allow_pickle: bool) -> Path:
-    """The diffusers folder of configs for a single-file checkpoint: --model-config, else sdflow's for its family."""
-    kind = checkpoint_kind_of(path, ref, allow_pickle)
+def configs_for_checkpoint(
+    path: Path, ref: str, prediction_type: str | None, checkpoint_config: str | None, allow_pickle: bool
+) -> tuple[Path, str]:
+    """The diffusers folder of configs for a single-file checkpoint (--model-config, else sdflow's for its family),
+    and the checkpoint's kind as its tensors say (its header is read once)."""
+    kind = checkpoint_kind(read_shapes(path, ref, allow_pickle), ref)
     prediction_type = resolve_prediction_type(kind, path, ref, prediction_type)
     if checkpoint_config is not None:
         folder = Path(checkpoint_config).expanduser()
         if not (folder / "model_index.json").is_file():
             raise ModelError(f"--model-config {checkpoint_config} is not a diffusers folder (it has no model_index.json).")
-        return folder
-    return shipped_config(kind, prediction_type, cache_root())
-
-
-def checkpoint_kind_of(path: Path, ref: str, allow_pickle: bool) -> str:
-    return checkpoint_kind(read_shapes(path, ref, allow_pickle), ref)
+        return folder, kind
+    return shipped_config(kind, prediction_type, cache_root()), kind
 
 
 def kind_family(kind: str) -> str:
