@@ -23,21 +23,24 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
 import zlib
 from collections import defaultdict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from nodes.dataset import store
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.support, as `python tests/bench/bench_feed.py` runs it
+
+from nodes.dataset import store  # noqa: E402
 from nodes.dataset.commit import write_shard
-from nodes.dataset.store import encode_image, encode_images, infotext, machine_cores, open_output
+from nodes.dataset.store import batch_encoder, encode_image, encode_images, infotext, machine_cores, open_output
 from nodes.params import Row, RunConfig, image_format
 from nodes.pipeline.batch import Stages, generate_shard_images
 from nodes.pipeline.components import inspect_model, load_components
@@ -108,19 +111,6 @@ def photo_decode(photos: list[np.ndarray], clock: StageClock):
     return decode
 
 
-class PoolFuture:
-    """A concurrent future with the `wait()` the engine calls on Prefect's futures."""
-
-    def __init__(self, future: Future):
-        self.future = future
-
-    def wait(self):
-        self.future.exception()
-
-    def result(self):
-        return self.future.result()
-
-
 def run_feed(components, size: int, fmt: str, images: int, args, root: str) -> dict:
     """Generate `images` rows of one size into a fresh OUT as generate_shards does; wall seconds and CPU per stage."""
     image = image_format(*FORMATS[fmt])
@@ -135,8 +125,8 @@ def run_feed(components, size: int, fmt: str, images: int, args, root: str) -> d
     original = store.encode_image
     store.encode_image = clock.timed(f"encode {fmt}", original)  # encode_images calls it on its pool's threads
     fs, out = open_output(root)
-    tasks = ThreadPoolExecutor(max_workers=8)  # Prefect's thread-pool task runner, as the flow submits to it
-    encode = lambda done, pixels: PoolFuture(tasks.submit(encode_images, pixels, done, "ddim", "null", "0", image))  # noqa: E731
+    tasks = ThreadPoolExecutor(max_workers=8)  # Prefect's thread-pool task runner, where the flow's write-shard runs
+    encode = lambda done, pixels: batch_encoder().submit(encode_images, pixels, done, "ddim", "null", "0", image)  # noqa: E731
     commit = clock.timed("Parquet write + commit", write_shard)
     encoding, writing = deque(), deque()
     started, cpu_started = time.perf_counter(), time.process_time()
