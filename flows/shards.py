@@ -41,8 +41,8 @@ def batch_task(stage_task):
 
 # Each batch is a task run, visible in Prefect by shard and batch (generate-batch-shard-00003-batch-02). Its
 # stages run inside it as plain calls: a task run costs its three state events, and the server's work on them
-# took ~10 % of a 2-core machine's time from the U-Net when every stage and each batch's image encoding were
-# task runs of their own (measured: tests/bench/bench_throughput.py, 200 images). `--stage-tasks` asks for them
+# took ~7 % of a 2-core machine's time from the U-Net when every stage and each batch's image encoding were
+# task runs of their own (measured side by side on 200 images: README, Measured). `--stage-tasks` asks for them
 # anyway (STAGE_TASKS): each stage of each batch a task run nested in its batch's, for a per-stage timeline.
 BATCH = batch_task(task(batch_images, name="generate-batch", cache_policy=NO_CACHE, persist_result=False))
 STAGE_TASKS = Stages(*map(batch_task, (encode_prompts_task, prepare_latents_task, denoise_task, decode_latents_task)))
