@@ -25,8 +25,8 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
 from flows.artifacts import status_line
-from flows.shards import BATCH, image_encoder, marker_extra, shard_stats, stages, worker_id
-from nodes.dataset.commit import read_marker, shard_failures, write_shard
+from flows.shards import BATCH, image_encoder, marker_extra, shard_stats, stages, worker_id, write_encoded_shard
+from nodes.dataset.commit import read_marker, shard_failures
 from nodes.dataset.ingest import Shard
 from nodes.dataset.store import open_output, storage_options_from_env
 from nodes.errors import ModelError
@@ -113,9 +113,9 @@ def run_shard(request: ShardRequest) -> dict:
     )
     extra = {**marker_extra(run, device), **shard_stats(started, total, adapters)}
     rows, keys = request.rows, request.keys
-    return write_shard(
-        fs, root, request.shard.index, rows, keys, [e.result() for e in encoded], request.carried, run.sampler,
-        info.ref, shard_failures(rows, keys, failed), extra,
+    return write_encoded_shard(
+        fs, root, request.shard.index, rows, keys, encoded, request.carried, run.sampler, info.ref,
+        shard_failures(rows, keys, failed), extra,
     )
 
 

@@ -473,8 +473,6 @@ def write_shard(
     return marker
 
 
-
-
 def shard_failures(rows: list[Row], keys, failed: dict[tuple[int, int], str]) -> list[dict]:
     """The marker's record of rows that failed: key, id, position (in the table), image index and error."""
     return [

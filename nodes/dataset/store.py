@@ -561,5 +561,3 @@ def read_dataset_file(fs: fsspec.AbstractFileSystem, root: str, file: str, colum
 def decode_images(column: pa.ChunkedArray | pa.Array) -> list[Image.Image]:
     """The PIL images of an `image` column (structs of encoded bytes and path), lazily decoded."""
     return [Image.open(io.BytesIO(data)) for data in pa.chunked_array([column]).combine_chunks().field("bytes").to_pylist()]
-
-

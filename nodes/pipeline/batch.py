@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from concurrent.futures import wait as wait_futures
 from contextlib import nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
-from concurrent.futures import wait as wait_futures
 from typing import Callable
 
 import torch

@@ -14,7 +14,6 @@ import os
 
 import torch
 
-
 log = logging.getLogger("sdflow")
 
 
