@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import gc
 import logging
 import os
 import re
@@ -220,6 +221,7 @@ def serve_worker(args: argparse.Namespace) -> int:
         return fail("a worker needs a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api).", EXIT_INPUT)
     from flows.worker import serve_shards
 
+    collect_garbage_from_here()
     print(f"sdflow: worker serving pool {args.pool!r}; Ctrl-C stops it.", file=sys.stderr)
     try:
         serve_shards(args.pool, args.device, args.model)
@@ -363,6 +365,7 @@ def run(args: argparse.Namespace) -> int:
             if args.command == "evaluate":
                 from flows.evaluate import evaluate_dataset
 
+                collect_garbage_from_here()
                 if server:
                     server.wait()
                 result = evaluate_dataset(out=args.out, model=args.model, sheet_rows=args.sheet_rows)
@@ -393,10 +396,11 @@ def generate(args: argparse.Namespace, server) -> str:
     """Run the generation flow; returns its summary line."""
     from flows.generate import generate_dataset, summary
 
-    if server:
-        from nodes.pipeline.components import import_model_classes
+    from nodes.pipeline.components import import_model_classes
 
-        import_model_classes()  # while the server boots, not after
+    import_model_classes()  # while the server boots, not after
+    collect_garbage_from_here()
+    if server:
         server.wait()
     manifest = generate_dataset(
         prompts=example_prompts() if args.prompts == "example" else args.prompts,
@@ -434,6 +438,19 @@ def generate(args: argparse.Namespace, server) -> str:
     return f"sdflow: {summary(manifest, args.out)}"
 
 
+def collect_garbage_from_here() -> None:
+    """The command's imports are done: freeze what they made, and let the cyclic garbage collector run from here on.
+
+    entry() turns the collector off for the imports. Prefect, torch, diffusers and transformers make millions of
+    objects as they load, and every full collection on the way walks all of those made so far: 2 s of a
+    one-image run measured here (8.5 s to exit with it, 6.4 s without). Frozen (gc.freeze), they are never walked
+    again in the run either. In-process callers of main() keep their collector as it was.
+    """
+    if _as_command and not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
 def flush_to_api() -> None:
     """Send the log records and events Prefect still holds, while the temporary server runs.
 
@@ -462,6 +479,7 @@ def entry() -> None:
     """
     global _as_command
     _as_command = True
+    gc.disable()  # until the imports are done: collect_garbage_from_here()
     code = main()
     # The run has ended (stopped or not): a further Ctrl-C must not cut the exit handlers short (the temporary
     # server's stop among them), nor print a traceback from them; they take a few seconds at most.

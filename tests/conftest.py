@@ -11,6 +11,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# A server per CLI run, stopped with it, unless a test asks for a kept one (tests/test_kept_server.py): nothing of
+# the suite outlives it.
+os.environ.setdefault("SDFLOW_SERVER_IDLE_SECONDS", "0")
 
 import pytest
 import s3fs

@@ -122,8 +122,14 @@ def test_ctrl_c_to_the_process_group(tiny_model, reference, tmp_path):
     assert_rerun_completes_exactly(tiny_model, reference, out, home)
 
 
-def test_server_killed_mid_run_stops_the_run_in_one_paragraph(tiny_model, reference, tmp_path):
+@pytest.mark.parametrize("kept", [False, True], ids=["its-own", "kept-found-running"])
+def test_server_killed_mid_run_stops_the_run_in_one_paragraph(tiny_model, reference, tmp_path, monkeypatch, kept):
+    """The run's own server (its child), or a kept server an earlier run launched (which the run watches by pid)."""
     out, home, err = tmp_path / "out", tmp_path / "prefect-home", tmp_path / "stderr"
+    if kept:  # an earlier, quick run launches the kept server
+        monkeypatch.setenv("SDFLOW_SERVER_IDLE_SECONDS", "60")
+        primer = [*command(tiny_model, reference[0], tmp_path / "primer"), "--steps=1"]
+        assert subprocess.run(primer, env=own_server_env(home), capture_output=True, timeout=300).returncode == 0
     process = start_mid_run(tiny_model, reference[0], out, home, err)
     servers = [pid for pid in processes_with_env(f"PREFECT_HOME={home}") if pid != process.pid]
     assert len(servers) == 1
@@ -133,10 +139,13 @@ def test_server_killed_mid_run_stops_the_run_in_one_paragraph(tiny_model, refere
     assert code == 1, text
     assert seconds < STOP_WITHIN
     assert text.startswith("sdflow: error: Prefect's temporary API server") and "Traceback" not in text
-    assert "exited with code -9 in the middle of the run" in " ".join(text.split())
+    ended = "exited in the middle of the run" if kept else "exited with code -9 in the middle of the run"
+    assert ended in " ".join(text.split())
     assert len(text.strip().split("\n\n")) == 1 and len(text) < 1000, text
     assert processes_with_env(f"PREFECT_HOME={home}") == []
     assert_rerun_completes_exactly(tiny_model, reference, out, home)
+    for pid in processes_with_env(f"PREFECT_HOME={home}"):  # the rerun's kept server
+        os.kill(pid, signal.SIGKILL)
 
 
 def test_a_signal_the_caller_ignores_stays_ignored():

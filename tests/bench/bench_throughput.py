@@ -219,7 +219,12 @@ def run_side(side: str, args, env, work: Path, model: Path, table: Path, tag: st
     else:
         cmd = baseline_command(args, model, table, out, steps, timings)
     load_avg = os.getloadavg()[0]
+    server_before = kept_server_cpu(env["PREFECT_HOME"])
     launched, exited, wall, cpu, code = run_process(cmd, env, log)
+    if side == "sdflow":  # a kept server is no child of the run: its CPU for the run is added here
+        server_after = kept_server_cpu(env["PREFECT_HOME"])
+        if server_after:
+            cpu += server_after[1] - (server_before[1] if server_before and server_before[0] == server_after[0] else 0)
     if code != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"{side} failed with exit code {code}: {' '.join(cmd)}\n--- {log} (tail) ---\n{tail}")
@@ -244,6 +249,23 @@ def run_side(side: str, args, env, work: Path, model: Path, table: Path, tag: st
         inner=inner,
         load_avg=load_avg,
     )
+
+
+def kept_server_cpu(prefect_home: str) -> tuple[int, float] | None:
+    """The kept Prefect server of sdflow's PREFECT_HOME (flows/server.py registers it) and its CPU seconds so far."""
+    try:
+        pid = json.loads((Path(prefect_home) / "sdflow-server.json").read_text())["pid"]
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except (OSError, ValueError, KeyError):
+        return None
+    return pid, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def stop_kept_server(prefect_home: str) -> None:
+    """The benchmark's runs are over: stop sdflow's kept server now rather than after its idle time."""
+    found = kept_server_cpu(prefect_home)
+    if found:
+        os.kill(found[0], 15)
 
 
 # --- reporting ------------------------------------------------------------------------------------------
@@ -293,7 +315,7 @@ def report(args, setup: dict, runs: list[Run], warmups: dict, compare: str | Non
         print(f"  WARNING  : {warning}")
     if warmups:
         print("  warm-up  : " + ", ".join(f"{k} {v:.1f} s" for k, v in warmups.items())
-              + " (1 row, 1 step, untimed; sdflow's creates its Prefect database)")
+              + " (1 row, 1 step, untimed; sdflow's creates its Prefect database and launches its kept server)")
     print()
     header = (f"  {'':9} {'runs':>4} {'best s':>7} {'img/s':>6} {'median s':>8} {'img/s':>6} {'CPU s':>6}"
               f" {'before':>7} {'load':>5} {'gen s':>6} {'gen img/s':>9} {'after':>6}")
@@ -311,7 +333,8 @@ def report(args, setup: dict, runs: list[Run], warmups: dict, compare: str | Non
               f" {b.before:7.1f} {b.load:5.1f} {b.gen:6.1f} {b.images / b.gen:9.2f} {b.after:6.1f}")
     print()
     print("  best = the fastest run, its figures on the rest of the line; median over all runs. CPU s: the process")
-    print("  and its children (sdflow: Prefect's temporary server). before = start to the first batch: interpreter,")
+    print("  and its children, and for sdflow its Prefect server's CPU during the run (a kept server's too: it was")
+    print("  launched by the warm-up run unless SDFLOW_SERVER_IDLE_SECONDS=0). before = start to the first batch: interpreter,")
     print("  imports, (sdflow: Prefect server start, flow run, table check), model load (of which 'load');")
     print("  gen = the generation loop to the last output file written; after = from then to the process's exit.")
     if "sdflow" in stats and "baseline" in stats:
@@ -383,6 +406,7 @@ def main(argv=None) -> None:
             compare = compare_images(work / "out" / f"sdflow-{last}", work / "out" / f"baseline-{last}")
         report(args, setup, runs, warmups, compare, warning)
     finally:
+        stop_kept_server(env["PREFECT_HOME"])
         close_workdir(args, work)
 
 
