@@ -125,6 +125,39 @@ def test_command_in_a_fresh_process(prefect_api, tiny_model, tmp_path):
     assert failed.stdout == ""
 
 
+SPY_ON_GENERATION = """
+import gc, sys
+import flows.cli, flows.generate
+generate_shards = flows.generate.generate_shards
+def spy(*args, **kwargs):
+    print(f"collector enabled={gc.isenabled()} frozen={gc.get_freeze_count()}", file=sys.stderr)
+    return generate_shards(*args, **kwargs)
+flows.generate.generate_shards = spy
+sys.argv[0] = "sdflow"
+flows.cli.entry()
+"""
+
+
+def test_the_command_generates_with_the_collector_on_and_its_imports_frozen(prefect_api, tiny_model, tmp_path, capsys):
+    """The command imports without the cyclic garbage collector (its walks of the imported modules cost seconds),
+    then freezes those objects and turns it back on: a long run collects its garbage. In-process callers keep
+    their collector as it was."""
+    import gc
+
+    table = write_table(tmp_path / "t.parquet", GOOD)
+    done = subprocess.run(
+        [sys.executable, "-c", SPY_ON_GENERATION, "generate", table, str(tmp_path / "out"), "--model", tiny_model],
+        env={**os.environ, "PREFECT_API_URL": prefect_api}, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    state = re.search(r"collector enabled=(\w+) frozen=(\d+)", done.stderr)
+    assert state and state[1] == "True" and int(state[2]) > 100_000, done.stderr
+    frozen = gc.get_freeze_count()
+    code, err = run_cli(capsys, table, tmp_path / "out2", "--model", tiny_model)
+    assert code == 0, err
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+
+
 def test_command_on_its_own_temporary_prefect_server(tiny_model, tmp_path):
     """With no PREFECT_API_URL, the command runs its flow on a Prefect server of its own, recorded in PREFECT_HOME.
 
