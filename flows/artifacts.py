@@ -19,13 +19,26 @@ from nodes.dataset.store import write_file
 
 
 class ShardReport:
-    """A progress bar that advances as shards commit, then a table of the shards this run committed."""
+    """A progress bar that advances as shards commit, then a table of the shards this run committed.
 
-    def __init__(self, plan: PromptPlan, fs, root: str):
+    A shard's rows may have been committed first by another run writing the same rows to the same output (its
+    commit then finds them "already committed"): the marker in storage says which run that was.
+    """
+
+    def __init__(self, plan: PromptPlan, fs, root: str, run_id: str):
         self.total = len(plan.shards)
-        self.fs, self.root = fs, root
-        self.markers: list[dict] = []
+        self.fs, self.root, self.run_id = fs, root, run_id
+        self.markers: list[dict] = []  # the committed marker of each of the plan's shards, as stored
         self.progress = create_progress_artifact(0.0, key="sdflow-shards", description=self._line()) if self.total else None
+
+    @property
+    def written(self) -> list[dict]:
+        """The markers of the shards this run committed."""
+        return [m for m in self.markers if m.get("run") == self.run_id]
+
+    @property
+    def rows_by_others(self) -> int:
+        return sum(m["rows"] for m in self.markers if m.get("run") != self.run_id)
 
     def _line(self) -> str:
         rows = sum(m["rows"] for m in self.markers)
@@ -36,16 +49,18 @@ class ShardReport:
         marker = shard_or_marker
         if not isinstance(marker, dict):
             marker = read_marker(self.fs, self.root, shard_or_marker.index)
+        elif marker.get("outcome") == "already committed":  # the stored marker says whose commit it is
+            marker = read_marker(self.fs, self.root, marker["shard"])
         self.markers.append(marker)
         update_progress_artifact(self.progress, 100.0 * len(self.markers) / self.total, self._line())
 
     def publish(self) -> None:
-        if not self.markers:
+        if not self.written:
             return
         columns = ("shard", "rows", "failed", "device", "worker", "images_per_second", "seconds", "model_loads")
         table = [
             {c: (len(m["failed"]) if c == "failed" else m.get(c)) for c in columns}
-            for m in sorted(self.markers, key=lambda m: m["shard"])
+            for m in sorted(self.written, key=lambda m: m["shard"])
         ]
         create_table_artifact(table, key="sdflow-shard-table", description=f"{len(table)} shards committed by this run")
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import torch
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run as current_flow_run
 
 from flows.artifacts import ShardReport, publish_contact_sheet
 from flows.shards import generate_shards
@@ -63,7 +65,8 @@ def check_inputs(p: dict) -> Job:
     fs, root = open_output(p["out"], storage_options)
     check_format(fs, root, p["out"])  # a dataset this version would extend (reading an older one is fine)
     run = RunConfig(
-        p["scheduler"], sampler, p["batch_size"], p["batches_in_flight"], p["progress"], storage_options, image, p["stage_tasks"]
+        p["scheduler"], sampler, p["batch_size"], p["batches_in_flight"], p["progress"], storage_options, image, p["stage_tasks"],
+        run_id=current_flow_run.id or uuid.uuid4().hex,
     )
     return Job(info, defaults, run, device, dtype, fs, root, read_committed(fs, root))
 
@@ -90,7 +93,9 @@ def adapter_record(written: list[dict], preloaded: int) -> dict:
     }
 
 
-def finalize(job: Job, parameters: dict, plan: PromptPlan, written: list[dict], timings: dict, preloaded: int = 0) -> dict:
+def finalize(
+    job: Job, parameters: dict, plan: PromptPlan, written: list[dict], timings: dict, preloaded: int = 0, by_other_runs: int = 0
+) -> dict:
     """Index the committed rows, clean what killed attempts left, then write the contact sheet and, last, the manifest."""
     committed = read_committed(job.fs, job.root)
     index = write_index(job.fs, job.root, committed)
@@ -98,7 +103,7 @@ def finalize(job: Job, parameters: dict, plan: PromptPlan, written: list[dict], 
     dtype = str(job.dtype).removeprefix("torch.")
     manifest = build_manifest(
         parameters, job.defaults, job.info, str(job.device), dtype, plan, committed, written, timings, job.run.image,
-        adapters=adapter_record(written, preloaded),
+        adapters=adapter_record(written, preloaded), by_other_runs=by_other_runs,
     )
     if committed.files:
         images, captions = first_images(job.fs, job.root, committed.shards, SHEET_ROWS)
@@ -123,6 +128,11 @@ def summary(manifest: dict, out: str) -> str:
     )
     if rows["already_done"]:
         text += f" {rows['already_done']} row(s) were already done."
+    if rows["by_other_runs"]:
+        text += (
+            f" {rows['by_other_runs']} image(s) this run made were committed first by another run writing the same"
+            " rows to this output (the same images, by their keys): that run's are kept."
+        )
     if rows["stale"]:
         text += (
             f" {rows['stale']} row(s) from earlier runs with other parameters or another model stay in the dataset"
@@ -197,7 +207,7 @@ def generate_dataset(
         storage_options=job.run.storage_options, dataset_schema=committed_schema(job.fs, job.root, job.committed.shards, out),
     )
 
-    report = ShardReport(plan, job.fs, job.root)
+    report = ShardReport(plan, job.fs, job.root, job.run.run_id)
     load_seconds, generation_started, preloaded = 0.0, time.time(), 0
     if plan.shards and pool:
         fan_out(shard_requests(plan, job.defaults, job.info, job.run, parameters), pool, report.committed)
@@ -208,7 +218,7 @@ def generate_dataset(
         generate_shards(components, plan, job.defaults, job.run, job.fs, job.root, report.committed)
     report.publish()
 
-    timings = run_timings(started, generation_started, load_seconds, report.markers)
-    manifest = finalize(job, parameters, plan, report.markers, timings, preloaded)
+    timings = run_timings(started, generation_started, load_seconds, report.written)
+    manifest = finalize(job, parameters, plan, report.written, timings, preloaded, report.rows_by_others)
     get_run_logger().info(summary(manifest, out))
     return manifest

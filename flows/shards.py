@@ -92,7 +92,7 @@ def shard_stats(started: float, rows: int, adapters_before: dict) -> dict:
 
 def marker_extra(run: RunConfig, device) -> dict:
     """What a shard's marker records about how it was made, beyond its rows."""
-    return {"batch_size": run.batch_size, "versions": software_versions(), "device": str(device)}
+    return {"batch_size": run.batch_size, "versions": software_versions(), "device": str(device), "run": run.run_id}
 
 
 def generate_shards(

@@ -424,3 +424,6 @@ class RunConfig:
     storage_options: dict = field(hash=False)  # fsspec options; may hold credentials, never logged
     image: ImageFormat = ImageFormat()  # how images are stored; part of each row's key unless PNG
     stage_tasks: bool = False  # each stage of each batch a Prefect task run of its own (--stage-tasks)
+    # This run (its flow run's id), in each marker it commits: its summary counts its own shards, not another
+    # run's commit of the same rows that won the race to the marker.
+    run_id: str = ""

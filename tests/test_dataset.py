@@ -134,7 +134,8 @@ def test_manifest_records_run_shards_and_versions(dataset):
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk == json.loads(json.dumps(manifest, default=str))
     assert on_disk["rows"] == {
-        "table": 7, "images": 7, "in_dataset": 7, "generated": 7, "already_done": 0, "invalid": 0, "failed": 0, "stale": 0
+        "table": 7, "images": 7, "in_dataset": 7, "generated": 7, "by_other_runs": 0, "already_done": 0, "invalid": 0,
+        "failed": 0, "stale": 0,
     }
     # Each attempt writes its own data file (part-NNNNN-ATTEMPT.parquet); the marker names the committed one.
     attempt = re.compile(r"-[0-9a-f]{32}(?=\.parquet$)")

@@ -175,6 +175,39 @@ def test_racing_commits_with_different_rows_never_split_marker_and_data(tmp_path
         assert {f"data/{p.name}" for p in Path(root, "data").iterdir()} == named  # losers left no data file
 
 
+def test_images_another_run_committed_first_are_not_counted_as_this_runs(prefect_api, tiny_model, tmp_path, monkeypatch):
+    """Two runs of one table into one output at once both plan every row and make every image; the first commit of
+    each shard wins. The other run must not claim those images in its summary, manifest or shard table. (The
+    race, made certain: the second run plans as if the first had not committed yet.)"""
+    import fsspec
+
+    import flows.generate
+    from flows.generate import summary
+
+    prompts, out = write_table(tmp_path / "t.parquet", ROWS[:4]), tmp_path / "out"
+    first = generate_dataset(prompts=prompts, out=str(out), model=tiny_model, **RUN)
+    assert first["rows"]["generated"] == 4 and first["rows"]["by_other_runs"] == 0
+
+    (tmp_path / "empty").mkdir()
+    nothing_yet = read_committed(fsspec.filesystem("file"), str(tmp_path / "empty"))
+    calls = []
+
+    def planned_before_the_first_run_committed(fs, root):
+        calls.append(root)
+        return nothing_yet if len(calls) == 1 else read_committed(fs, root)
+
+    monkeypatch.setattr(flows.generate, "read_committed", planned_before_the_first_run_committed)
+    second = generate_dataset(prompts=prompts, out=str(out), model=tiny_model, **RUN)
+    assert len(calls) > 1, "the run read the output only once: the test would prove nothing"
+    assert second["rows"]["generated"] == 0 and second["shards_written"] == [], second["rows"]
+    assert second["rows"]["by_other_runs"] == 4 and second["rows"]["in_dataset"] == 4
+    text = " ".join(summary(second, str(out)).split())
+    assert text.startswith("wrote 0 images in 0 shard(s)") and "4 image(s) this run made were committed first by another run" in text
+    stored = json.loads((out / "manifest.json").read_text())
+    assert stored["rows"]["by_other_runs"] == 4
+    assert_consistent(out)
+
+
 def test_two_runs_with_different_tables_into_one_output_at_once(prefect_api, tiny_model, tmp_path):
     """Both end well, or one is refused with a clear message; the dataset stays consistent, and a rerun completes it."""
     import subprocess

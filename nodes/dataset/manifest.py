@@ -44,8 +44,10 @@ def build_manifest(
     timings: dict,
     image: ImageFormat = ImageFormat(),
     adapters: dict | None = None,
+    by_other_runs: int = 0,
 ) -> dict:
-    """The dataset's record after a run: `committed` is every shard in OUT, `written` those this run committed.
+    """The dataset's record after a run: `committed` is every shard in OUT, `written` those this run committed,
+    `by_other_runs` the images of its plan that another run committed first.
 
     Its size grows with the shards (~60 bytes each: 2.4 MB at ten million rows in shards of 256) and the rows
     that failed and were not generated since, never with the rows.
@@ -88,6 +90,7 @@ def build_manifest(
             "images": plan.already_done + plan.rows_to_generate,  # what the table's valid rows make, done or to do
             "in_dataset": committed.rows,
             "generated": sum(m["rows"] for m in written),
+            "by_other_runs": by_other_runs,  # made here too, but another run writing the same rows committed them first
             "already_done": plan.already_done,
             "invalid": len(plan.invalid),
             "failed": len(failed),
