@@ -396,9 +396,10 @@ def generate(args: argparse.Namespace, server) -> str:
     """Run the generation flow; returns its summary line."""
     from flows.generate import generate_dataset, summary
 
-    from nodes.pipeline.components import import_model_classes
+    if not args.pool:  # a pool's parent loads no model
+        from nodes.pipeline.components import import_model_classes
 
-    import_model_classes()  # while the server boots, not after
+        import_model_classes()  # while the server boots, not after; and with the collector still off
     collect_garbage_from_here()
     if server:
         server.wait()

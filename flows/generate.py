@@ -21,6 +21,7 @@ from nodes.dataset.store import check_format, open_output, storage_options_from_
 from nodes.errors import SdflowError
 from nodes.params import GenerationDefaults, RunConfig, image_format, image_format_rule
 from nodes.pipeline.adapters import forget_named, named_loras, preload_loras, run_loras
+from nodes.pipeline.batch import cpu_lanes
 from nodes.pipeline.components import ModelInfo, inspect_model, load_components_task, resolve_device, resolve_dtype
 from nodes.pipeline.denoise import scheduler_name
 from nodes.pipeline.embeddings import with_embeddings
@@ -66,7 +67,7 @@ def check_inputs(p: dict) -> Job:
     check_format(fs, root, p["out"])  # a dataset this version would extend (reading an older one is fine)
     run = RunConfig(
         p["scheduler"], sampler, p["batch_size"], p["batches_in_flight"], p["progress"], storage_options, image, p["stage_tasks"],
-        run_id=current_flow_run.id or uuid.uuid4().hex,
+        run_id=current_flow_run.id or uuid.uuid4().hex, lanes=1 if p["torch_compile"] else cpu_lanes(device),
     )
     return Job(info, defaults, run, device, dtype, fs, root, read_committed(fs, root))
 

@@ -32,7 +32,7 @@ from nodes.dataset.store import open_output, storage_options_from_env
 from nodes.errors import ModelError
 from nodes.params import Row, RunConfig
 from nodes.pipeline.adapters import adapter_counts
-from nodes.pipeline.batch import generate_shard_images
+from nodes.pipeline.batch import cpu_lanes, generate_shard_images
 from nodes.pipeline.components import inspect_model, load_components, resolve_device, resolve_dtype
 from nodes.pipeline.embeddings import with_embeddings
 
@@ -92,7 +92,7 @@ def run_shard(request: ShardRequest) -> dict:
             f"{request.fingerprint}): every worker must see the same model files, byte for byte."
         )
     components = load_components(info, device, resolve_dtype(request.dtype, device), request.allow_pickle)
-    run = replace(request.run, storage_options=storage_options, progress=False)
+    run = replace(request.run, storage_options=storage_options, progress=False, lanes=cpu_lanes(device))
     done = 0
 
     def on_batch(batch: list[Row], failed: dict) -> None:

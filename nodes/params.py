@@ -427,3 +427,4 @@ class RunConfig:
     # This run (its flow run's id), in each marker it commits: its summary counts its own shards, not another
     # run's commit of the same rows that won the race to the marker.
     run_id: str = ""
+    lanes: int = 1  # batches generated at once, each on its share of the CPU's threads (batch.cpu_lanes)

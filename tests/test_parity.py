@@ -79,3 +79,51 @@ def test_other_sizes_follow_the_vae_scale_factor(components, reference):
     ours = generate(components, [row], "euler")[0]
     assert ours.shape == (48, 96, 3)
     assert max_level_difference(ours, diffusers_image(reference, row, "euler")) <= 1
+
+
+def test_batches_in_lanes_give_the_images_of_batches_one_by_one(components):
+    """On a CPU the engine runs two batches at once (batch.cpu_lanes), each in a thread of its own on half of torch's
+    threads: every image is the one the batches give one by one (within 1 level), they come back in order, each knows its place
+    (CURRENT_BATCH, which names its task run), and torch's thread count is restored after the shard."""
+    import threading
+    from collections import deque
+    from concurrent.futures import Future
+
+    import numpy as np
+
+    from nodes.params import RunConfig
+    from nodes.pipeline.batch import CURRENT_BATCH, batch_images, generate_shard_images
+
+    rows = [Row(i, f"r{i}", ROWS[i % 4].prompt, ROWS[i % 4].negative_prompt, 100 + i, 4, 7.5, 64, 64) for i in range(7)]
+    threads_before = torch.get_num_threads()
+
+    def shard(lanes: int):
+        seen, order = [], []
+
+        def run_batch(*args):
+            seen.append((CURRENT_BATCH.get().batch, threading.current_thread().name, torch.get_num_threads()))
+            return batch_images(*args)
+
+        def encode(done, images):
+            future = Future()
+            future.set_result({r.slot: images[i].numpy().copy() for i, r in enumerate(done)})
+            return future
+
+        run = RunConfig(None, "ddim", 2, 2, False, {}, lanes=lanes)
+        futures, failed = generate_shard_images(
+            components, rows, run, encode, deque(), on_batch=lambda batch, _: order.append([r.id for r in batch]), shard=5,
+            run_batch=run_batch,
+        )
+        assert not failed
+        images = {slot: image for f in futures for slot, image in f.result().items()}
+        return np.stack([images[r.slot] for r in rows]), order, seen
+
+    alone, order_alone, seen_alone = shard(1)
+    laned, order_laned, seen_laned = shard(2)
+    assert max_level_difference(laned, alone) <= 1  # one thread per op sums in another order: a level at most
+    assert order_laned == order_alone == [[f"r{i}" for i in range(j, min(j + 2, 7))] for j in range(0, 7, 2)]
+    assert sorted(number for number, _, _ in seen_laned) == [0, 1, 2, 3]
+    assert all(name.startswith("sdflow-lane") for _, name, _ in seen_laned), seen_laned
+    assert {threads for _, _, threads in seen_laned} == {max(1, threads_before // 2)}
+    assert all(name == threading.current_thread().name for _, name, _ in seen_alone)
+    assert torch.get_num_threads() == threads_before

@@ -8,13 +8,16 @@ the stages' tasks too (`Stages` of the `*_task` wrappers), without the engine im
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from contextlib import nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -148,6 +151,46 @@ def make_batches(
     return [group[i : i + batch_size] for group in ordered for i in range(0, len(group), batch_size)]
 
 
+def cpu_lanes(device: torch.device) -> int:
+    """How many batches to generate at once on `device`: two on a CPU with two threads or more, else one.
+
+    On a CPU, two batches at once, each on half of torch's threads, made the U-Net 16 % faster than one batch on
+    all of them (2 cores: 2.74 against 3.25 s for six calls at batch 16, median of 4; outputs identical): one
+    thread per op scales better than two on ops this size. A GPU gains nothing from it.
+    """
+    return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def in_lanes(batches: list[list[Row]], lanes: int, call: Callable) -> Iterator[tuple[list[Row], object]]:
+    """(batch, call(number, batch)) for each batch in order, up to `lanes` of them running at once in threads of
+    their own (each in a copy of this context: Prefect's run context, CURRENT_BATCH), on 1/lanes of torch's threads."""
+    if lanes <= 1:
+        for number, batch in enumerate(batches):
+            yield batch, call(number, batch)
+        return
+    threads = max(1, torch.get_num_threads() // lanes)
+    with ThreadPoolExecutor(lanes, thread_name_prefix="sdflow-lane") as pool, torch_threads(threads):
+        running = deque()
+        for number, batch in enumerate(batches):
+            running.append((batch, pool.submit(contextvars.copy_context().run, call, number, batch)))
+            if len(running) == lanes:
+                done, future = running.popleft()
+                yield done, future.result()
+        while running:
+            done, future = running.popleft()
+            yield done, future.result()
+
+
 def generate_shard_images(
     components,
     rows: list[Row],
@@ -176,28 +219,35 @@ def generate_shard_images(
     failed: dict[tuple[int, int], str] = {}
     tried: list[Row] | None = None if progress.produced else []  # the rows tried before any came out
     batches = make_batches(rows, run.batch_size, lambda r: batch_key(components, r), active_set(components))
-    for number, batch in enumerate(batches):
+    # Lanes share the model, so only batches of one LoRA set (its switch made here, before them) run at once.
+    lanes = run.lanes if len({lora_set(b[0]) for b in batches}) == 1 else 1
+    if lanes > 1:
+        use_loras(components, batches[0][0].loras)
+
+    def call(number: int, batch: list[Row]):
         place = CURRENT_BATCH.set(BatchPlace(shard, number))
         try:
             with device_slot():
-                outputs, failures = run_batch(components, run.scheduler, batch, stages)
-            failed.update(failures)
-            if tried is not None:
-                tried += batch
-                if outputs:
-                    tried, progress.produced = None, True
-                else:
-                    check_not_the_runs_failure(tried, failed)
-            for row in batch:
-                if row.slot in failed:
-                    log.warning("row %r failed: %s", row.id, failed[row.slot])
-            for done, images in outputs:
-                while len(encoding) >= run.batches_in_flight:
-                    wait_futures([encoding.popleft()])
-                encoding.append(encode_images(done, images))
-                futures.append(encoding[-1])
+                return run_batch(components, run.scheduler, batch, stages)
         finally:
             CURRENT_BATCH.reset(place)
+
+    for batch, (outputs, failures) in in_lanes(batches, lanes, call):
+        failed.update(failures)
+        if tried is not None:
+            tried += batch
+            if outputs:
+                tried, progress.produced = None, True
+            else:
+                check_not_the_runs_failure(tried, failed)
+        for row in batch:
+            if row.slot in failed:
+                log.warning("row %r failed: %s", row.id, failed[row.slot])
+        for done, images in outputs:
+            while len(encoding) >= run.batches_in_flight:
+                wait_futures([encoding.popleft()])
+            encoding.append(encode_images(done, images))
+            futures.append(encoding[-1])
         if on_batch:
             on_batch(batch, failed)
     return futures, failed

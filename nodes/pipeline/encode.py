@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+import threading
 from functools import lru_cache
 
 import torch
@@ -82,12 +83,22 @@ def batch_key(components: Components, row: Row) -> tuple:
     return (row.shape_key, chunk_count(components, row))
 
 
+# Tokenizers are not safe to call from two threads at once (a Rust tokenizer whose padding and truncation
+# settings one call changes raises "Already borrowed" in the other); batches in lanes (batch.cpu_lanes) take turns.
+_TOKENIZING = threading.Lock()
+
+
 def _text_inputs(tokenizer, texts: list[str], count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Each text as `count` chunks of input ids and attention masks (B * count, 77), row by row, and their emphasis
     weights (B * count, 77), None when no text is weighted.
 
     With one chunk, text without syntax is tokenized by the call diffusers makes (padded to 77, truncated).
     """
+    with _TOKENIZING:
+        return _tokenized(tokenizer, texts, count)
+
+
+def _tokenized(tokenizer, texts: list[str], count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     length = tokenizer.model_max_length
     ids, masks, weights = [], [], []
     plain = [i for i, t in enumerate(texts) if count == 1 and not has_syntax(t)]
