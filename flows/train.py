@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from nodes.dataset.manifest import software_versions
+from nodes.pipeline.batch import torch_threads
 from nodes.shapes import train
 from nodes.errors import SdflowError
 from nodes.shapes.train import ClipSpec, UnetSpec, VaeSpec
@@ -167,7 +168,7 @@ def train_model(out: str, preset: str = "full", seed: int = 0) -> dict:
         seconds[name] = round(time.perf_counter() - started, 3)
         return result
 
-    with train.torch_threads(config.threads):  # tasks run inline, on this thread
+    with torch_threads(config.threads):  # tasks run inline, on this thread
         tokenizer = timed("tokenizer", build_tokenizer_task)
         clip, text_encoder, clip_losses = timed("clip", train_clip_task, config, tokenizer)
         vae, vae_losses = timed("vae", train_vae_task, config)

@@ -16,6 +16,7 @@ from flows.generate import generate_dataset
 from flows.train import TINY, train_model
 from nodes.shapes import train
 from nodes.errors import SdflowError
+from nodes.pipeline.batch import torch_threads
 from nodes.pipeline.components import inspect_model, load_components
 from tests.support.tables import write_table
 
@@ -89,7 +90,7 @@ def test_diffusers_pipeline_loads_beside_the_clip_folder(trained):
 def test_generates_images_with_the_trained_model(trained, tmp_path):
     rows = [{"id": "a", "prompt": "a small red circle on the left"}, {"id": "b", "prompt": "large blue square, top"}]
     prompts = write_table(tmp_path / "prompts.parquet", rows)
-    with train.torch_threads(TINY.threads):  # as it was trained: tiny ops gain nothing from a second thread
+    with torch_threads(TINY.threads):  # as it was trained: tiny ops gain nothing from a second thread
         manifest = generate_dataset(prompts=prompts, out=str(tmp_path / "out"), model=str(trained[0]), batch_size=2)
     assert manifest["rows"]["generated"] == 2 and manifest["resolved"]["steps"] == TINY.default_steps
     for row in pq.read_table(tmp_path / "out" / "data").to_pylist():
@@ -107,7 +108,7 @@ def test_non_empty_output_folder_is_refused_before_training(prefect_api, tmp_pat
 
 def test_same_seed_same_training_and_batches():
     spec = replace(TINY.vae, steps=2)
-    with train.torch_threads(TINY.threads):
+    with torch_threads(TINY.threads):
         first, second, other = (train.train_vae(spec, seed)[1] for seed in (3, 3, 4))
     assert first == second and first != other
     assert train.step_seed(0, "unet", 5) == train.step_seed(0, "unet", 5) != train.step_seed(0, "vae", 5)

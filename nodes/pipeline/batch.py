@@ -162,13 +162,17 @@ def cpu_lanes(device: torch.device) -> int:
 
 
 @contextlib.contextmanager
-def torch_threads(count: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
+def torch_threads(threads: int | None):
+    """Run the block with `threads` torch intra-op threads (None: as they are), then restore the previous count."""
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(previous)
 
 
 def in_lanes(batches: list[list[Row]], lanes: int, call: Callable) -> Iterator[tuple[list[Row], object]]:

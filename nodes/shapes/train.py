@@ -12,7 +12,6 @@ import copy
 import hashlib
 import json
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -133,20 +132,6 @@ def build_tokenizer():
 
     vocab, merges = whole_word_tokenizer_files(domain_words())
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
-
-
-@contextmanager
-def torch_threads(threads: int | None):
-    """Run the block with `threads` torch intra-op threads (None: as they are), then restore the previous count."""
-    if threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def training_seed(seed: int, component: str, step: int) -> int:
