@@ -34,7 +34,11 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+_signalled: list[int] = []  # the stop signals this run received
+
+
 def raise_stopped(signum: int, frame) -> None:
+    _signalled.append(signum)
     raise Stopped(signum)
 
 
@@ -344,6 +348,7 @@ def run(args: argparse.Namespace) -> int:
                 quiet.close()
     quiet = None
     _lost.clear()
+    _signalled.clear()
     try:
         check_obvious_inputs(args)
         from prefect.settings import PREFECT_API_URL
@@ -375,7 +380,9 @@ def run(args: argparse.Namespace) -> int:
     except BaseException as e:
         if _lost:
             return fail(_lost.pop(), EXIT_BUG)
-        signum = stopping_signal(e)
+        # Once a stop signal has arrived, whatever ends the run is its unwinding, even an error that does not
+        # chain to it (one library caught the interrupt and raised its own, once under load): it stopped as asked.
+        signum = stopping_signal(e) or (_signalled[0] if _signalled else None)
         if signum:  # a shard under way is not committed: the rerun makes it, and only it
             name = signal.Signals(signum).name
             return fail(f"stopped by {name}; the shards committed so far are kept: rerun to finish.", 128 + signum)

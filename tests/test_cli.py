@@ -334,3 +334,26 @@ def test_storage_options_never_reach_the_temporary_server(tiny_model, tmp_path):
     assert secret.encode() not in environs[0] and b"SDFLOW_STORAGE_OPTIONS" not in environs[0]
     # The server's bookkeeping yields the CPU to generation: niceness 10 above the command's, for its whole run.
     assert niceness and niceness[-1] == min(19, os.nice(0) + 10), niceness
+
+
+def test_an_error_raised_while_a_stop_signal_unwinds_the_run_is_reported_as_the_stop(tiny_model, tmp_path, capsys, monkeypatch):
+    """A library that catches the interrupt and raises an error of its own (not chained to it) must not turn a
+    SIGTERM into "a bug": exit 143 and the stop's one line, as for any stop."""
+    import signal
+
+    import flows.cli
+
+    def generate(args, server):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises in this thread, at once
+            time.sleep(5)
+        except BaseException:
+            pass
+        raise TypeError("Got unexpected argument type <class 'str'> for compute function")
+
+    monkeypatch.setattr(flows.cli, "generate", generate)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # no server is started; none is reached
+    code = flows.cli.main(["generate", write_table(tmp_path / "t.parquet", GOOD), str(tmp_path / "out"), "--model", tiny_model])
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGTERM, err
+    assert err == "sdflow: error: stopped by SIGTERM; the shards committed so far are kept: rerun to finish.\n"
