@@ -127,3 +127,21 @@ def test_batches_in_lanes_give_the_images_of_batches_one_by_one(components):
     assert {threads for _, _, threads in seen_laned} == {max(1, threads_before // 2)}
     assert all(name == threading.current_thread().name for _, name, _ in seen_alone)
     assert torch.get_num_threads() == threads_before
+
+
+def test_a_batch_alone_runs_on_all_of_torchs_threads():
+    """Lanes split torch's threads between batches running at once; a shard of one batch (a one-image run) has
+    nothing to share them with and keeps them all, in the calling thread."""
+    import threading
+
+    from nodes.pipeline.batch import in_lanes, torch_threads
+
+    seen = []
+
+    def call(number, batch):
+        seen.append((number, threading.current_thread().name, torch.get_num_threads()))
+        return len(batch)
+
+    with torch_threads(2):
+        assert list(in_lanes([["row"]], 2, call)) == [(["row"], 1)]
+    assert seen == [(0, threading.current_thread().name, 2)]
