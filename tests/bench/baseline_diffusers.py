@@ -1,13 +1,15 @@
 """Baseline for the throughput benchmark: the script a competent user would write by hand with diffusers.
 
     python tests/bench/baseline_diffusers.py MODEL PROMPTS.parquet OUT_DIR [--steps N] [--guidance G]
-        [--batch-size B] [--scheduler NAME] [--timings FILE]
+        [--batch-size B] [--scheduler NAME] [--device D] [--dtype T] [--compile] [--timings FILE]
 
 Loads `StableDiffusionPipeline` from a diffusers-format folder (safetensors, no safety checker), reads the
 Parquet prompt table (`prompt` and `seed` columns; `id` if present), and for each batch of B rows calls the
 pipeline with one seeded CPU generator per row. Each image is saved as a PNG in OUT_DIR/images/, and at the
-end OUT_DIR/images.parquet holds id, prompt, seed and the PNG bytes. With --timings, writes a JSON record of
-where the time went (imports, model load, generation, writing).
+end OUT_DIR/images.parquet holds id, prompt, seed and the PNG bytes. --device and --dtype place the pipeline as
+sdflow's options of those names do; --compile compiles the U-Net and the VAE decoder as sdflow's --compile does
+(nn.Module.compile). With --timings, writes a JSON record of where the time went (imports, model load,
+generation, writing).
 
 Deliberately independent of sdflow (it imports neither Prefect nor sdflow's modules), so its start-up is
 what a plain diffusers script costs.
@@ -60,13 +62,23 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--scheduler", help="an sdflow scheduler name; default: the model's own")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net and the VAE decoder")
     parser.add_argument("--timings", help="write a JSON record of timings to this file")
     args = parser.parse_args()
     imported = time.perf_counter()
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        args.model, safety_checker=None, requires_safety_checker=False, use_safetensors=True
-    )
+        args.model,
+        safety_checker=None,
+        requires_safety_checker=False,
+        use_safetensors=True,
+        torch_dtype=getattr(torch, args.dtype),
+    ).to(args.device)
+    if args.compile:
+        pipe.unet.compile()
+        pipe.vae.decoder.compile()
     if args.scheduler:
         cls, overrides = SCHEDULERS[args.scheduler]
         pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **overrides)
@@ -120,6 +132,8 @@ def main() -> None:
             "finished_at": _started_at + (finished - _t0),  # ... and its last file written
             "images": len(pngs),
             "torch_threads": torch.get_num_threads(),
+            "device": args.device,
+            "dtype": args.dtype,
             "scheduler": type(pipe.scheduler).__name__,
             "pid": os.getpid(),
         }

@@ -46,6 +46,9 @@ SIZES = {
     # 24.8 M parameters (U-Net 24.0 M), 64x64 images: about 5x the small model's CPU time per image
     "medium": {"unet_channels": (64, 128, 256), "layers_per_block": 2, "text_width": 64, "sample_size": 32},
 }
+# Full-size architectures with random weights, from the family configs sdflow ships (nodes/pipeline/configs): the
+# GPU benchmark's models. 1.07 G parameters for sd15 (U-Net 860 M), 512x512 images.
+FAMILIES = {"sd15": "sd1"}
 
 # The environment of both processes (and of this one): offline, quiet. sdflow's CLI sets the last two itself.
 COMMON_ENV = {
@@ -68,7 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="denoising steps (default: 10)")
     p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default: 7.5)")
     p.add_argument("--scheduler", default="ddim", help="sdflow scheduler name, or 'model' for the model's own (default: ddim)")
-    p.add_argument("--size", choices=sorted(SIZES), default="medium", help="toy model size (default: medium)")
+    p.add_argument("--size", choices=sorted(SIZES) + sorted(FAMILIES), default="medium",
+                   help="toy model size, or sd15: SD 1.5's architecture with random weights (default: medium)")
+    p.add_argument("--device", help="--device for both sides, e.g. cuda (default: each side's own: cpu here)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="--dtype for both sides")
+    p.add_argument("--compile", action="store_true", help="--compile for both sides (torch.compile of U-Net and VAE decoder)")
     p.add_argument("--shard-size", type=int, default=256, help="sdflow --shard-size (default: 256)")
     p.add_argument("--seed", type=int, default=0, help="first row seed; row i gets seed + i (default: 0)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs of each side, alternating order (default: 1)")
@@ -90,12 +97,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- setup ----------------------------------------------------------------------------------------------
 
 
-def build_model(path: Path, size: str, steps: int, guidance: float) -> dict:
+def build_model(path: Path, size: str, steps: int, guidance: float, device: str | None = None) -> dict:
     """Save the toy model; returns a description of it (parameters per component, image size)."""
     from nodes.shapes.builders import ToyModelConfig, save_toy_model
 
-    config = ToyModelConfig(**SIZES[size])
-    save_toy_model(path, config, defaults={"steps": steps, "guidance_scale": guidance})
+    if size in FAMILIES:
+        config = save_random_family_model(path, FAMILIES[size], device or "cpu")
+    else:
+        config = ToyModelConfig(**SIZES[size])
+        save_toy_model(path, config, defaults={"steps": steps, "guidance_scale": guidance})
     params = {}
     from safetensors import safe_open
 
@@ -109,8 +119,46 @@ def build_model(path: Path, size: str, steps: int, guidance: float) -> dict:
                 total += n
         params[weights.parent.name] = total
     vae = json.loads((path / "vae" / "config.json").read_text())
-    side = config.sample_size * 2 ** (len(vae["block_out_channels"]) - 1)
+    sample = json.loads((path / "unet" / "config.json").read_text())["sample_size"]
+    side = sample * 2 ** (len(vae["block_out_channels"]) - 1)
     return {"config": config, "params": params, "image_side": side}
+
+
+def save_random_family_model(path: Path, kind: str, device: str) -> str:
+    """A diffusers folder of the family's architecture (sdflow's shipped configs and CLIP tokenizer) with random
+    weights, initialised on `device` (seconds on a GPU) and saved in float16, as most checkpoints are shared."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from nodes.pipeline.checkpoint import shipped_config
+
+    configs = shipped_config(kind, None, Path(tempfile.mkdtemp(prefix="sdflow-configs-")))
+    scheduler_config = json.loads((configs / "scheduler" / "scheduler_config.json").read_text())
+    torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)  # made in float16, as saved: no cast afterwards
+    try:
+        with torch.device(device):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
+            text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder"))
+    finally:
+        torch.set_default_dtype(default_dtype)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(configs / "tokenizer"),
+        unet=unet,
+        scheduler=getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    shutil.rmtree(configs.parent.parent, ignore_errors=True)
+    return f"{kind} architecture, random weights"
 
 
 def write_prompt_table(path: Path, rows: int, first_seed: int) -> None:
@@ -194,18 +242,22 @@ def sdflow_command(args, model: Path, table: Path, out: Path, steps: int) -> lis
     cmd += ["generate", str(table), str(out)]
     cmd += ["--model", str(model), "--steps", str(steps), "--guidance", str(args.guidance)]
     cmd += ["--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size), "--seed", str(args.seed)]
-    if args.scheduler:
-        cmd += ["--scheduler", args.scheduler]
-    return cmd
+    return cmd + placement_options(args)
+
+
+def placement_options(args) -> list[str]:
+    """The options both sides take alike: scheduler, device, dtype, compile."""
+    cmd = ["--scheduler", args.scheduler] if args.scheduler else []
+    cmd += ["--device", args.device] if args.device else []
+    cmd += ["--dtype", args.dtype] if args.dtype else []
+    return cmd + (["--compile"] if args.compile else [])
 
 
 def baseline_command(args, model: Path, table: Path, out: Path, steps: int, timings: Path) -> list[str]:
     cmd = [sys.executable, str(BASELINE), str(model), str(table), str(out)]
     cmd += ["--steps", str(steps), "--guidance", str(args.guidance), "--batch-size", str(args.batch_size)]
     cmd += ["--timings", str(timings)]
-    if args.scheduler:
-        cmd += ["--scheduler", args.scheduler]
-    return cmd
+    return cmd + placement_options(args)
 
 
 def run_side(side: str, args, env, work: Path, model: Path, table: Path, tag: str, steps: int) -> Run:
@@ -372,7 +424,7 @@ def main(argv=None) -> None:
         model = work / f"model-{args.size}"
         if model.exists():
             shutil.rmtree(model)
-        setup = build_model(model, args.size, args.steps, args.guidance)
+        setup = build_model(model, args.size, args.steps, args.guidance, args.device)
         setup["load_before"] = setup_load
         table = work / "prompts.parquet"
         write_prompt_table(table, args.rows, args.seed)
