@@ -145,3 +145,28 @@ def test_a_batch_alone_runs_on_all_of_torchs_threads():
     with torch_threads(2):
         assert list(in_lanes([["row"]], 2, call)) == [(["row"], 1)]
     assert seen == [(0, threading.current_thread().name, 2)]
+
+
+def test_half_precision_matches_diffusers_on_the_same_batch(tiny_model):
+    """In bfloat16 sdflow's images are diffusers' pipeline's for the same batch within a level: there the modules
+    keep diffusers' memory layout (NHWC convolutions, kept for float32 and float16, round differently in bfloat16:
+    7 levels here)."""
+    import numpy as np
+
+    rows = [Row(i, f"h{i}", prompt, negative, 100 + i, 4, 7.5, 64, 64)
+            for i, (prompt, negative) in enumerate([("a red circle", ""), ("a blue square at the top", "blurry")])]
+    components = load_components(inspect_model(tiny_model), torch.device("cpu"), torch.bfloat16)
+    ours = generate(components, rows, "ddim")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_model, safety_checker=None, requires_safety_checker=False, use_safetensors=True, torch_dtype=torch.bfloat16
+    )
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(
+        [r.prompt for r in rows],
+        negative_prompt=[r.negative_prompt for r in rows],
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        generator=[torch.Generator("cpu").manual_seed(r.seed) for r in rows],
+    ).images
+    assert max_level_difference(ours, np.stack([np.asarray(image) for image in theirs])) <= 1

@@ -60,7 +60,9 @@ def main() -> None:
                    "--implementation", "cp", "-d", str(wheels), "-c", str(REPO / "constraints.txt"), *WANTED]
         for platform in PLATFORMS:
             command += ["--platform", platform]
-        subprocess.run(command, check=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"pip download failed:\n{done.stdout}{done.stderr}")
         packed = []
         for wheel in sorted(wheels.glob("*.whl")):
             if project_name(wheel) not in ON_MACHINE:
@@ -68,8 +70,11 @@ def main() -> None:
                 packed.append(wheel.name)
         target = REPO / ".whl" / "site.tar.xz"
         target.parent.mkdir(exist_ok=True)
-        exclude = REPO / ".git" / "info" / "exclude"
-        if "/.whl/" not in exclude.read_text().split():
+        exclude = Path(subprocess.run(["git", "rev-parse", "--git-path", "info/exclude"], cwd=REPO, check=True,
+                                      capture_output=True, text=True).stdout.strip())
+        exclude = exclude if exclude.is_absolute() else REPO / exclude
+        exclude.parent.mkdir(parents=True, exist_ok=True)
+        if "/.whl/" not in (exclude.read_text().split() if exclude.exists() else []):
             with exclude.open("a") as f:
                 f.write("/.whl/\n")
         with tarfile.open(target, "w:xz") as tar:
