@@ -156,7 +156,7 @@ def save_random_family_model(path: Path, kind: str, device: str) -> str:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(path, safe_serialization=True)
+    pipe.to("cpu").save_pretrained(path, safe_serialization=True)  # safetensors writes from host memory
     shutil.rmtree(configs.parent.parent, ignore_errors=True)
     return f"{kind} architecture, random weights"
 
