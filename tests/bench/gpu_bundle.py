@@ -1,4 +1,4 @@
-"""Pack what a lent GPU machine lacks to run sdflow into one archive: .whl/site.tar.xz (ignored by git).
+"""Pack what a lent GPU machine lacks to run sdflow into one archive: .whl/site.tar.xz (.gitignore's).
 
     python tests/bench/gpu_bundle.py
 
@@ -70,13 +70,6 @@ def main() -> None:
                 packed.append(wheel.name)
         target = REPO / ".whl" / "site.tar.xz"
         target.parent.mkdir(exist_ok=True)
-        exclude = Path(subprocess.run(["git", "rev-parse", "--git-path", "info/exclude"], cwd=REPO, check=True,
-                                      capture_output=True, text=True).stdout.strip())
-        exclude = exclude if exclude.is_absolute() else REPO / exclude
-        exclude.parent.mkdir(parents=True, exist_ok=True)
-        if "/.whl/" not in (exclude.read_text().split() if exclude.exists() else []):
-            with exclude.open("a") as f:
-                f.write("/.whl/\n")
         with tarfile.open(target, "w:xz") as tar:
             tar.add(site, arcname=".")
     print(f"{target}: {target.stat().st_size / 2**20:.1f} MiB, {len(packed)} packages:")
