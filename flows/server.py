@@ -368,7 +368,8 @@ def registered_server(path: Path) -> dict | None:
 
 
 def server_alive(pid: int, port: int) -> bool:
-    """Whether process `pid` runs and is a server on `port` (not another process that has reused the pid)."""
+    """Whether process `pid` runs and is a Prefect server on `port` (not another process that has reused the pid,
+    even one with that number among its arguments: a run would wait 90 s for it to answer, then fail)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -382,7 +383,7 @@ def server_alive(pid: int, port: int) -> bool:
             zombie = f.read().rpartition(b")")[2].split()[0] == b"Z"
     except OSError:  # not Linux: the pid alone
         return True
-    return not zombie and str(port).encode() in arguments
+    return not zombie and str(port).encode() in arguments and b"prefect.server.api.server:create_app" in arguments
 
 
 def wait_for_exit(pid: int) -> None:

@@ -101,6 +101,31 @@ def test_runs_share_one_kept_server_that_stops_once_idle(tiny_model, tmp_path, h
     assert registration(home) is None
 
 
+def test_a_registration_whose_pid_now_runs_another_program_is_not_trusted(tiny_model, tmp_path, home):
+    """The registered pid reused by another program with the registered port among its arguments (an HTTP server
+    here): the run launches a server of its own (it had waited 90 s for an answer, then failed with exit 2), and
+    leaves the other program alone."""
+    from flows.server import free_port
+
+    table = write_table(tmp_path / "t.parquet", ROWS)
+    finished(generate(tiny_model, table, tmp_path / "out0", env_for(home, 30)))
+    identity = registration(home)["identity"]  # the server this PREFECT_HOME's runs would attach to ...
+    for pid in servers(home):  # ... gone, its pid reused by another program
+        os.kill(pid, signal.SIGKILL)
+    assert gone_within(20, lambda: not servers(home))
+    port = free_port()
+    other = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        (home / "sdflow-server.json").write_text(json.dumps({"pid": other.pid, "port": port, "identity": identity}))
+        finished(generate(tiny_model, table, tmp_path / "out1", env_for(home, 30)))
+        assert registration(home)["pid"] in servers(home), "the run must have launched and registered a server of its own"
+        assert other.poll() is None, "the other program must be left running"
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_killed_run_does_not_keep_the_server_alive(tiny_model, tmp_path, home):
     """The lease is a lock the kernel drops with the process: a run killed by SIGKILL releases it too."""
     table = write_table(tmp_path / "t.parquet", ROWS * 4)
