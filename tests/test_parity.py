@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline
 
 from nodes.params import SAMPLERS as SCHEDULERS, Row
 from nodes.pipeline.components import inspect_model, load_components
-from tests.support.reference import diffusers_image, generate, max_level_difference
+from tests.support.reference import diffusers_image, diffusers_pipeline, generate, max_level_difference
 
 # A mixed batch: per-row seeds, guidance above, at and below 1 (no guidance), negative prompts or none.
 ROWS = [
@@ -27,11 +27,7 @@ def components(tiny_model):
 
 @pytest.fixture(scope="module")
 def reference(tiny_model):
-    pipe = StableDiffusionPipeline.from_pretrained(
-        tiny_model, safety_checker=None, requires_safety_checker=False, use_safetensors=True
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline(StableDiffusionPipeline, tiny_model, safety_checker=None, requires_safety_checker=False)
 
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
@@ -157,11 +153,10 @@ def test_half_precision_matches_diffusers_on_the_same_batch(tiny_model):
             for i, (prompt, negative) in enumerate([("a red circle", ""), ("a blue square at the top", "blurry")])]
     components = load_components(inspect_model(tiny_model), torch.device("cpu"), torch.bfloat16)
     ours = generate(components, rows, "ddim")
-    pipe = StableDiffusionPipeline.from_pretrained(
-        tiny_model, safety_checker=None, requires_safety_checker=False, use_safetensors=True, torch_dtype=torch.bfloat16
+    pipe = diffusers_pipeline(
+        StableDiffusionPipeline, tiny_model, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.bfloat16
     )
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
     theirs = pipe(
         [r.prompt for r in rows],
         negative_prompt=[r.negative_prompt for r in rows],

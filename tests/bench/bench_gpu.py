@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -202,8 +203,6 @@ def main(argv=None) -> int:
         record["total_s"] = round(time.perf_counter() - started, 1)
         write_results(out, record)
         bt.stop_kept_server(env["PREFECT_HOME"])
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     print((out / "results.md").read_text())
     return 1 if any("error" in r for r in record["stages"].values()) else 0
